@@ -1,0 +1,81 @@
+"""Training-step time of flowalign's MMDiT vs diffusers' SD3Transformer2DModel, same weights.
+
+    python benchmarks/train_step.py [--repeats 20] [--threads 2]
+
+One step = forward + rectified-flow loss + backward. Steps of the two models alternate so that
+both see the same machine state; the table gives medians and the ratio diffusers / ours
+(> 1 means ours is faster), in fp32 and under bf16 autocast.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from base_model.convert import to_diffusers
+from base_model.mmdit import MMDiT, MMDiTConfig
+
+CONFIGS = {
+    # name: (model config, batch, image side, context length)
+    "toy 32px p4 w128 d4, 64 tok": (dict(depth=4, hidden=128, heads=2, patch_size=4, in_channels=3,
+                                         sample_size=32, pos_embed_max_size=8), 64, 32, 16),
+    "d4 w256, 256 tok": (dict(depth=4, patch_size=2, in_channels=16, sample_size=32,
+                              pos_embed_max_size=16), 8, 32, 32),
+}
+
+
+def step_fn(model, is_ours, x, t, ctx, pooled, dtype):
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            if is_ours:
+                v = model(x, t, ctx, pooled)
+            else:
+                v = model(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled,
+                          timestep=1000 * t).sample
+        F.mse_loss(v.float(), x).backward()
+    return step
+
+
+def bench(steps: dict, repeats: int) -> dict:
+    times = {k: [] for k in steps}
+    for _ in range(3):  # warm-up
+        for s in steps.values():
+            s()
+    for _ in range(repeats):
+        for k, s in steps.items():
+            t0 = time.perf_counter()
+            s()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, medians of {args.repeats} alternating steps")
+    print(f"| config | batch | dtype | ours ms | diffusers ms | speed-up |")
+    print(f"|---|---|---|---|---|---|")
+    for name, (mcfg, batch, side, ctx_len) in CONFIGS.items():
+        torch.manual_seed(0)
+        cfg = MMDiTConfig(**mcfg)
+        ours = MMDiT(cfg)
+        for p in ours.parameters():  # non-zero weights everywhere, so no branch is trivially zero
+            torch.nn.init.normal_(p, std=0.02)
+        theirs = to_diffusers(ours)
+        x = torch.randn(batch, cfg.in_channels, side, side)
+        t, ctx, pooled = torch.rand(batch), torch.randn(batch, ctx_len, cfg.context_dim), torch.randn(batch, cfg.pooled_dim)
+        for dtype in ("fp32", "bf16"):
+            med = bench({"ours": step_fn(ours, True, x, t, ctx, pooled, dtype),
+                         "diffusers": step_fn(theirs, False, x, t, ctx, pooled, dtype)}, args.repeats)
+            print(f"| {name} | {batch} | {dtype} | {1e3 * med['ours']:.1f} | {1e3 * med['diffusers']:.1f} "
+                  f"| {med['diffusers'] / med['ours']:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Compositional scorer: does an image show what its shapes-world caption asks for?
+
+GenEval (Ghosh et al., 2023) judges text-to-image models by detecting objects and checking six
+kinds of prompt. The shapes world needs no learned detector: objects are flat palette colours on
+a plain background, so we segment by nearest colour, take connected components, and read each
+component's shape from how much of its bounding box it fills. The per-task rules follow GenEval's
+`evaluate_images.py`; the largest component stands in for the detector's most confident box.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from base_model.shapes import TASKS, Scene, WorldConfig, requested, to_uint8
+
+MAX_COLOR_DIST = 120.0  # RGB distance (0-255) past which a pixel is no palette colour: background
+MIN_AREA_FRAC = 0.25  # components under this fraction of an object's box area are noise
+# Fill of the bounding box: square 1.0, circle ~0.78, triangle ~0.51-0.58 (up to 0.65 when
+# noise eats the two-pixel apex rows at 32 px); cut about halfway between them.
+SQUARE_MIN_FILL = 0.9
+CIRCLE_MIN_FILL = 0.7
+POSITION_THRESHOLD = 0.1  # GenEval's: box sizes that a centre offset must exceed
+
+
+@dataclass(frozen=True)
+class Detection:
+    shape: str
+    color: str
+    box: tuple[int, int, int, int]  # (x0, y0, x1, y1) in pixels, x1 y1 exclusive
+    area: int  # pixels, holes filled
+    fill: float  # area / box area: the shape cue
+
+    @property
+    def center(self) -> tuple[float, float]:
+        x0, y0, x1, y1 = self.box
+        return ((x0 + x1) / 2, (y0 + y1) / 2)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    task: str
+    correct: bool  # GenEval's binary verdict
+    graded: float  # fraction of the prompt's checks passed, in [0, 1], for ranking samples
+    reason: str  # the failed checks, "; "-joined, or "ok"
+    detections: tuple[Detection, ...]
+
+
+def classify_pixels(image: np.ndarray, world: WorldConfig) -> np.ndarray:
+    """(H, W) index into `world.colors` of each pixel's nearest colour; -1 where the background
+    is nearer or no palette colour is within MAX_COLOR_DIST."""
+    refs = np.array([rgb for _, rgb in world.colors] + [world.background], np.float32)
+    dist = np.linalg.norm(image[:, :, None, :].astype(np.float32) - refs, axis=-1)  # (H, W, K+1)
+    nearest = dist.argmin(-1)
+    is_object = (nearest < len(world.colors)) & (dist.min(-1) <= MAX_COLOR_DIST)
+    return np.where(is_object, nearest, -1)
+
+
+def shape_from_fill(fill: float) -> str:
+    if fill >= SQUARE_MIN_FILL:
+        return "square"
+    return "circle" if fill >= CIRCLE_MIN_FILL else "triangle"
+
+
+def detect(image, world: WorldConfig = WorldConfig()) -> list[Detection]:
+    """Objects in `image` (any format `to_uint8` reads), largest first."""
+    image = to_uint8(image)
+    labels = classify_pixels(image, world)
+    side = world.object_size * image.shape[0] / world.grid  # expected object side in pixels
+    detections = []
+    for k, (color, _) in enumerate(world.colors):
+        components, _ = ndimage.label(labels == k)  # default structure: 4-connectivity
+        for i, (ys, xs) in enumerate(ndimage.find_objects(components), start=1):
+            # fill holes so noise inside an object does not lower its fill and change its shape
+            mask = ndimage.binary_fill_holes(components[ys, xs] == i)
+            area = int(mask.sum())
+            if area < MIN_AREA_FRAC * side**2:
+                continue
+            fill = area / mask.size
+            box = (xs.start, ys.start, xs.stop, ys.stop)
+            detections.append(Detection(shape_from_fill(fill), color, box, area, fill))
+    return sorted(detections, key=lambda d: -d.area)
+
+
+def relative_position(box_a, box_b, threshold: float = POSITION_THRESHOLD) -> set[str]:
+    """Relations of A to B, as GenEval's `relative_position` (evaluation/evaluate_images.py).
+
+    The centre offset is shrunk by `threshold` times the summed box sizes, per axis, and
+    normalised by the raw offset's length; A is "left of" B when that dx < -0.5, "right of" when
+    dx > 0.5, and "above"/"below" likewise with dy (image y grows downward).
+    """
+    boxes = np.array([box_a, box_b], np.float64).reshape(2, 2, 2)  # (object, corner, xy)
+    center_a, center_b = boxes.mean(axis=1)
+    size_a, size_b = boxes[:, 1] - boxes[:, 0]
+    offset = center_a - center_b
+    revised = np.maximum(np.abs(offset) - threshold * (size_a + size_b), 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return set()
+    dx, dy = revised / np.linalg.norm(offset)
+    rules = {"left of": dx < -0.5, "right of": dx > 0.5, "above": dy < -0.5, "below": dy > 0.5}
+    return {name for name, holds in rules.items() if holds}
+
+
+def checks(scene: Scene, detections: list[Detection]) -> list[tuple[str, bool]]:
+    """The prompt's attributes as (failure message, satisfied), in caption order. Per object:
+    its shape is there, its colour is right, and for counting its exact count; for position,
+    finally, the relation. An image is correct when all hold, which is GenEval's rule per task:
+
+    single_object, two_object: each requested colour+shape present (extra objects are fine);
+    colors: the largest object of the shape (GenEval: the most confident) has the colour;
+    counting: exactly N of the requested colour+shape; color_attr: both bindings present;
+    position: both present and the largest of A is `relation` the largest of B.
+    """
+    results, firsts = [], []
+    for color, shape, count in requested(scene):
+        of_shape = [d for d in detections if d.shape == shape]
+        matches = [d for d in of_shape if d.color == color]
+        results.append((f"no {shape}", bool(of_shape)))
+        if scene.task == "colors":
+            seen = of_shape[0].color if of_shape else "absent"
+            results.append((f"{shape} is {seen}, expected {color}", seen == color))
+        else:
+            results.append((f"no {color} {shape}", bool(matches)))
+        if scene.task == "counting":
+            found = len(matches)
+            results.append((f"{found} {color} {shape}s, expected {count}", found == count))
+        firsts.append(matches[0] if matches else None)
+    if scene.task == "position":
+        a, b = firsts
+        holds = None not in (a, b) and scene.relation in relative_position(a.box, b.box)
+        results.append((f"not {scene.relation}", holds))
+    return results
+
+
+def judge(image, scene: Scene, world: WorldConfig = WorldConfig()) -> Judgement:
+    detections = detect(image, world)
+    results = checks(scene, detections)
+    failed = [message for message, ok in results if not ok]
+    graded = sum(ok for _, ok in results) / len(results)
+    return Judgement(scene.task, not failed, graded, "; ".join(failed) or "ok", tuple(detections))
+
+
+def score(images, scenes: list[Scene], world: WorldConfig = WorldConfig()) -> dict:
+    """GenEval-style summary: {"tasks": accuracy per task, "overall", "correct", "graded"}.
+
+    `overall` is the unweighted mean of the task accuracies, as GenEval's overall score; tasks
+    with no image in the batch are left out of the mean rather than counted as zero.
+    """
+    judgements = [judge(image, scene, world) for image, scene in zip(images, scenes, strict=True)]
+    tasks = {}
+    for task in TASKS:
+        verdicts = [j.correct for j in judgements if j.task == task]
+        if verdicts:
+            tasks[task] = float(np.mean(verdicts))
+    return {
+        "tasks": tasks,
+        "overall": float(np.mean(list(tasks.values()))) if tasks else float("nan"),
+        "correct": [j.correct for j in judgements],
+        "graded": [j.graded for j in judgements],
+    }

@@ -1,0 +1,23 @@
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)  # two torch jobs at once slow each ~8× on 2 cores: never more threads
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def randomize(model, std=0.05):
+    """Non-zero weights everywhere (adaLN-Zero would make a fresh model output exactly 0)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model

@@ -1,0 +1,138 @@
+"""The compositional scorer: exact on clean and noisy renders, and it rejects wrong ones."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from base_model.shapes import TASKS, Obj, Scene, WorldConfig, make_split, render
+from reward.compositional import detect, judge, relative_position, score
+
+WORLD = WorldConfig()
+SCENES = make_split("val", 600, WORLD, task_weights={t: 1.0 for t in TASKS})
+SIGMA = 38.0  # noise std in 0-255 units, i.e. 38/255 of the range
+
+
+def noisy(image, rng):
+    return np.clip(image + rng.normal(0.0, SIGMA, image.shape), 0, 255).astype(np.uint8)
+
+
+def mirrored(scene):
+    """The objects reflected across the image's centre line along the relation's axis."""
+    axis = 0 if scene.relation in ("left of", "right of") else 1
+
+    def flip(box):
+        box = list(box)
+        box[axis], box[axis + 2] = 1 - box[axis + 2], 1 - box[axis]
+        return tuple(box)
+
+    return tuple(dataclasses.replace(o, box=flip(o.box)) for o in scene.objects)
+
+
+def swapped_colors(scene):
+    a, b = scene.objects
+    return (dataclasses.replace(a, color=b.color), dataclasses.replace(b, color=a.color))
+
+
+def extra_object(scene):
+    """One more copy of the counted object in the first free spot, or None when none is free."""
+    s, reach = WORLD.object_size, WORLD.object_size + WORLD.gap
+    taken = [(round(o.box[0] * WORLD.grid), round(o.box[1] * WORLD.grid)) for o in scene.objects]
+    for y in range(WORLD.grid - s + 1):
+        for x in range(WORLD.grid - s + 1):
+            if all(abs(x - tx) >= reach or abs(y - ty) >= reach for tx, ty in taken):
+                box = (x / WORLD.grid, y / WORLD.grid, (x + s) / WORLD.grid, (y + s) / WORLD.grid)
+                return scene.objects + (dataclasses.replace(scene.objects[0], box=box),)
+    return None
+
+
+CORRUPTIONS = {  # task -> the wrong scene's objects
+    "color_attr": swapped_colors,
+    "position": mirrored,
+    "two_object": lambda scene: scene.objects[:1],
+    "counting": lambda scene: scene.objects[:-1],
+}
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_clean_renders_are_judged_correct(resolution):
+    scenes = SCENES if resolution == 32 else SCENES[:120]
+    result = score([render(s, resolution, WORLD) for s in scenes], scenes, WORLD)
+    assert set(result["tasks"]) == set(TASKS)
+    assert min(result["tasks"].values()) >= 0.99, result["tasks"]
+    assert min(result["graded"]) == 1.0
+
+
+def test_noisy_renders_are_judged_correct():
+    rng = np.random.default_rng(0)
+    result = score([noisy(render(s), rng) for s in SCENES], SCENES, WORLD)
+    assert min(result["tasks"].values()) >= 0.99, result["tasks"]
+
+
+@pytest.mark.parametrize("task", sorted(CORRUPTIONS))
+def test_corrupted_renders_are_rejected(task):
+    rng = np.random.default_rng(1)
+    scenes = [s for s in SCENES if s.task == task]
+    assert len(scenes) >= 50
+    for add_noise in (False, True):
+        judgements = []
+        for scene in scenes:
+            wrong = render(dataclasses.replace(scene, objects=CORRUPTIONS[task](scene)))
+            judgements.append(judge(noisy(wrong, rng) if add_noise else wrong, scene, WORLD))
+        assert np.mean([not j.correct for j in judgements]) >= 0.99
+        assert all(j.graded < 1.0 for j in judgements if not j.correct)
+        assert all(j.reason != "ok" for j in judgements if not j.correct)
+
+
+def test_an_extra_counted_object_is_rejected():
+    scenes = [s for s in SCENES if s.task == "counting"]
+    extended = [(s, extra_object(s)) for s in scenes]
+    extended = [(s, objects) for s, objects in extended if objects is not None]
+    assert len(extended) >= 20
+    for scene, objects in extended:
+        j = judge(render(dataclasses.replace(scene, objects=objects)), scene, WORLD)
+        assert not j.correct and 0 < j.graded < 1 and "expected" in j.reason
+
+
+def test_detect_reads_shape_colour_and_box():
+    for scene in SCENES[:100]:
+        detections = detect(render(scene, 64, WORLD), WORLD)
+        got = sorted((d.color, d.shape, d.box) for d in detections)
+        want = sorted((o.color, o.shape, tuple(round(v * 64) for v in o.box))
+                      for o in scene.objects)
+        assert got == want, scene.caption
+
+
+def test_model_float_chw_images_are_judged_like_uint8():
+    for scene in SCENES[:30]:
+        image = render(scene)
+        as_model_output = image.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
+        assert judge(as_model_output, scene, WORLD) == judge(image, scene, WORLD)
+    with pytest.raises(ValueError):
+        detect(np.zeros((32, 32, 3), np.float32), WORLD)  # float HWC is ambiguous: refused
+
+
+def test_relative_position_follows_geneval():
+    left, right = (0, 10, 10, 20), (20, 10, 30, 20)
+    assert relative_position(left, right) == {"left of"}
+    assert relative_position(right, left) == {"right of"}
+    assert relative_position((10, 0, 20, 10), (10, 20, 20, 30)) == {"above"}
+    # offsets within 0.1 of the summed sizes count as no relation
+    assert relative_position((0, 0, 10, 10), (1, 1, 11, 11)) == set()
+    # diagonal: both relations once the offset clears the threshold
+    assert relative_position((0, 0, 10, 10), (30, 30, 40, 40)) == {"left of", "above"}
+
+
+def test_overall_is_the_mean_of_present_task_accuracies():
+    square = Obj("square", "red", (0.0, 0.0, 0.375, 0.375))
+    circle = Obj("circle", "blue", (0.5, 0.0, 0.875, 0.375))
+    single = Scene(0, "single_object", "a red square", (square,))
+    position = Scene(1, "position", "a red square left of a blue circle", (square, circle),
+                     "left of")
+    blank = np.full((32, 32, 3), 255, np.uint8)
+    images = [render(single), blank, render(position)]
+    result = score(images, [single, single, position], WORLD)
+    assert result["tasks"] == {"single_object": 0.5, "position": 1.0}
+    assert result["overall"] == pytest.approx(0.75)  # not 2/3, the mean over images
+    assert result["correct"] == [True, False, True]
+    assert result["graded"] == [1.0, 0.0, 1.0]
