@@ -81,7 +81,7 @@ def preset(name: str, **overrides) -> MMDiTConfig:
 
 
 def modulate(x, shift, scale):
-    return torch.addcmul(shift, x, 1 + scale)  # x·(1 + scale) + shift, one kernel
+    return x * (1 + scale) + shift  # measured faster on CPU than a broadcast torch.addcmul
 
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
@@ -140,9 +140,9 @@ class Stream(nn.Module):
 
     def post_attention(self, x, attn, mod):
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        x = torch.addcmul(x, gate_msa, self.out(attn))
+        x = x + gate_msa * self.out(attn)
         h = modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift_mlp, scale_mlp)
-        return torch.addcmul(x, gate_mlp, self.mlp(h))
+        return x + gate_mlp * self.mlp(h)
 
 
 def joint_attention(qkv_ctx, qkv_img):
