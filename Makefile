@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The pipeline on the built-in shapes world: pretrain the toy MM-DiT, then score it on held-out prompts.
 demo: $(STAMP)
-	$(PY) -m base_model.sample --preset toy --output_dir runs/demo
+	$(PY) -m base_model.pretrain --config configs/pretrain/toy.yaml --output_dir runs/demo/pretrain
+	$(PY) -m reward.score_checkpoint --checkpoint runs/demo/pretrain/final --split heldout_prompts --n 300
 
 test: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q

@@ -1,0 +1,392 @@
+"""Pretrain an MM-DiT with rectified flow, on one CPU or many GPUs, with the same command.
+
+    python -m base_model.pretrain --config configs/pretrain/toy.yaml --output_dir runs/toy
+    accelerate launch --num_processes 2 --use_deepspeed --deepspeed_config_file configs/deepspeed/zero2.json \
+        -m base_model.pretrain --config configs/pretrain/toy.yaml --output_dir runs/toy-z2
+
+Every random choice of a step (its samples, t, noise, text drop) is a function of (seed, step), drawn
+for the global batch and sliced per process: the run is the same on 1 or N processes and after a
+resume. Writes `output_dir/checkpoint-STEP/` (atomic), `output_dir/samples/`, and `output_dir/final/`
+(EMA weights, `final/raw/` the raw weights, both one consolidated model.safetensors).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .cli import check_types, parse
+from .data import ImageCaptions, load_image_captions, shapes_data, to_model_space
+from .flow import DENSITIES, flow_loss, sample_t, validation_loss
+from .mmdit import PRESETS, MMDiT, preset
+from .sampling import sample
+from .shapes import save_grid
+
+
+@dataclass
+class PretrainConfig:
+    # data
+    dataset: str = "shapes"  # "shapes" (built-in world) or a local imagefolder / parquet / arrow / save_to_disk path
+    image_column: str = "image"  # column names for a real dataset
+    caption_column: str = "caption"
+    resolution: int = 32  # training images are resized / rendered to this side
+    num_train: int = 50_000  # shapes world: number of training scenes
+    num_val: int = 256  # shapes world: validation scenes (fixed set for the validation loss)
+    # model and conditioning
+    model_preset: str = "toy"  # MMDiT preset; context and pooled widths come from the text encoders
+    text_encoders: list[str] = field(default_factory=lambda: ["minilm"])  # "minilm", "clip:PATH", "t5:PATH"
+    image_space: str = "pixels"  # "pixels", or "vae:PATH" for a local diffusers AutoencoderKL folder
+    text_drop_prob: float = 0.464  # each encoder dropped independently (SD3's value for 3 encoders)
+    # objective
+    timestep_density: str = "logit_normal"  # one of flow.DENSITIES
+    logit_mean: float = 0.0  # rf/lognorm(0.00, 1.00) won the paper's study
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    shift: float = 1.0  # resolution shift α for training times
+    # optimisation
+    optimizer: str = "adamw"  # "adamw" or "adamw_8bit" (bitsandbytes)
+    learning_rate: float = 1e-3
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8  # SD3 used 1e-15 with QK-norm for bf16 stability at scale
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    max_steps: int = 2000
+    per_device_train_batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # "no" or "bf16" (pays on GPUs and CPUs with bf16 matmul units)
+    ema_decay: float = 0.998  # 0 disables EMA
+    # logging, evaluation, checkpoints
+    output_dir: str = "runs/pretrain"
+    logging_steps: int = 25
+    eval_steps: int = 250  # validation loss and a sample grid
+    save_steps: int = 500
+    save_total_limit: int = 2  # older checkpoints are deleted
+    sample_steps: int = 20  # Euler steps for the sample grids
+    guidance: float = 4.0
+    num_samples: int = 16
+    report_to: str = "wandb"  # "wandb" (offline without an account) or "none"
+    resume_from_checkpoint: str = ""  # "latest" or a checkpoint folder
+    seed: int = 0
+
+    def __post_init__(self):
+        check_types(self)
+        if self.timestep_density not in DENSITIES:
+            raise ValueError(f"--timestep_density {self.timestep_density!r}: choose from {DENSITIES}")
+        if self.model_preset not in PRESETS:
+            raise ValueError(f"--model_preset {self.model_preset!r}: choose from {sorted(PRESETS)}")
+        if self.optimizer not in ("adamw", "adamw_8bit"):
+            raise ValueError(f"--optimizer {self.optimizer!r}: choose 'adamw' or 'adamw_8bit'")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"--mixed_precision {self.mixed_precision!r}: choose 'no' or 'bf16'")
+        if self.report_to not in ("wandb", "none"):
+            raise ValueError(f"--report_to {self.report_to!r}: choose 'wandb' or 'none'")
+        for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "resolution"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be ≥ 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: data order, per-step randomness, EMA, checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+class DataOrder:
+    """Sample i of the run is perm_e[i mod N] with perm_e a seeded permutation of epoch e."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perms = n, seed, {}
+
+    def indices(self, start: int, count: int) -> torch.Tensor:
+        pos = torch.arange(start, start + count)
+        out = torch.empty(count, dtype=torch.long)
+        for e in pos.div(self.n, rounding_mode="floor").unique().tolist():
+            if e not in self._perms:
+                self._perms = {e: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e))}
+            sel = pos // self.n == e
+            out[sel] = self._perms[e][pos[sel] % self.n]
+        return out
+
+
+def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + micro)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA warm-up (as diffusers' EMAModel): early averages must not be dominated by the init."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def ema_update(ema: torch.nn.Module, params: dict, decay: float):
+    with torch.no_grad():
+        for name, p in ema.named_parameters():
+            p.lerp_(params[name].detach().to(p.dtype), 1 - decay)
+
+
+def full_params(model, accelerator) -> dict:
+    """Name → full parameter tensor, gathering ZeRO-3 shards when needed."""
+    unwrapped = accelerator.unwrap_model(model)
+    params = dict(unwrapped.named_parameters())
+    if _zero_stage(accelerator) == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            return {k: v.detach().clone() for k, v in params.items()}
+    return params
+
+
+def _zero_stage(accelerator) -> int:
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin.zero_stage if plugin is not None else -1
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    if not os.path.isdir(output_dir):
+        return None
+    steps = [int(d.split("-")[1]) for d in os.listdir(output_dir)
+             if d.startswith("checkpoint-") and d.split("-")[1].isdigit()]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, ema, keep: int):
+    """accelerate state + EMA + step, written to a temporary folder and renamed into place."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.save_pretrained(os.path.join(tmp, "ema"))
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({"step": step}, f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        old = sorted((d for d in os.listdir(output_dir) if d.startswith("checkpoint-")),
+                     key=lambda d: int(d.split("-")[1]))
+        for d in old[:-keep] if keep > 0 else []:
+            shutil.rmtree(os.path.join(output_dir, d), ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def cpu_process_group() -> list:
+    """Launched as several processes without GPUs, accelerate needs the gloo backend named, or each
+    process believes it is alone (num_processes = 1)."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
+
+
+def warmup_constant(warmup_steps: int):
+    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and conditioning: everything the loop needs, as tensors, computed once
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_data(cfg: PretrainConfig):
+    """Returns train and validation ImageCaptions, and the sample prompts for the grids."""
+    if cfg.dataset == "shapes":
+        train, _ = shapes_data("train", cfg.num_train, cfg.resolution)
+        val, _ = shapes_data("val", cfg.num_val, cfg.resolution)
+        prompts, _ = shapes_data("heldout_prompts", cfg.num_samples, cfg.resolution)
+        return train, val, prompts.captions
+    data = load_image_captions(cfg.dataset, cfg.resolution, cfg.image_column, cfg.caption_column)
+    n_val = min(cfg.num_val, max(1, len(data) // 10))
+    val = ImageCaptions(data.images[:n_val], data.captions[:n_val])
+    train = ImageCaptions(data.images[n_val:], data.captions[n_val:], data.skipped)
+    return train, val, val.captions[:cfg.num_samples]
+
+
+def encode_all(text, vae, train, val, prompts, output_dir):
+    """Text embeddings once per distinct caption, latents once per image."""
+    captions = sorted(set(train.captions) | set(val.captions) | set(prompts))
+    context, pooled = text.encode(captions)
+    index = {c: i for i, c in enumerate(captions)}
+    ids = lambda caps: torch.tensor([index[c] for c in caps])  # noqa: E731
+    x_train, x_val = (vae.encode(to_model_space(d.images)) for d in (train, val))
+    return dict(context=context, pooled=pooled, train_ids=ids(train.captions), val_ids=ids(val.captions),
+                prompt_ids=ids(prompts), x_train=x_train, x_val=x_val)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop
+# ---------------------------------------------------------------------------------------------
+
+
+def main(cfg: PretrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from .text import TextEmbedder, zero_parts
+    from .vae import image_space
+
+    # Unpack the config once; functions below take explicit arguments.
+    B, accum, seed = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.seed
+    # Frozen encoders are loaded before the Accelerator exists: under ZeRO-3 it would make
+    # transformers partition their weights at load (zero.Init), and they are not trained.
+    text, vae = TextEmbedder(cfg.text_encoders), image_space(cfg.image_space)
+    if cfg.report_to == "wandb" and not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")
+    accelerator = Accelerator(gradient_accumulation_steps=accum, mixed_precision=cfg.mixed_precision,
+                              log_with=None if cfg.report_to == "none" else cfg.report_to,
+                              project_dir=cfg.output_dir, kwargs_handlers=cpu_process_group(),
+                              step_scheduler_with_optimizer=False)  # one LR step per optimizer step, any world size
+    set_seed(seed)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    os.makedirs(cfg.output_dir, exist_ok=True)
+
+    train, val, prompts = prepare_data(cfg)
+    if train.skipped:
+        accelerator.print(f"skipped {train.skipped} undecodable images")
+    enc = encode_all(text, vae, train, val, prompts, cfg.output_dir)
+    x_train = enc["x_train"]
+    model_cfg = preset(cfg.model_preset, in_channels=vae.channels, context_dim=text.context_dim,
+                       pooled_dim=text.pooled_dim, sample_size=cfg.resolution // vae.downsample)
+    model = MMDiT(model_cfg)
+    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
+    accelerator.print(f"MMDiT {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+                      f"{len(train)} training images, {len(enc['context'])} distinct captions, {world} process(es)")
+
+    if cfg.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+        opt_cls = bnb.optim.AdamW8bit
+    else:
+        opt_cls = torch.optim.AdamW
+    optimizer = opt_cls(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                        eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(cfg.warmup_steps))
+    if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed needs these before prepare
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = B
+        ds["gradient_clipping"] = cfg.max_grad_norm
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    start = 0
+    resume = latest_checkpoint(cfg.output_dir) if cfg.resume_from_checkpoint == "latest" else cfg.resume_from_checkpoint
+    if resume:
+        accelerator.load_state(resume)
+        with open(os.path.join(resume, "trainer_state.json")) as f:
+            start = json.load(f)["step"]
+        if ema is not None:
+            ema.load_state_dict(MMDiT.from_pretrained(os.path.join(resume, "ema")).state_dict())
+        accelerator.print(f"resumed from {resume} at step {start}")
+    if accelerator.is_main_process:
+        accelerator.init_trackers("flowalign-pretrain", config=asdict(cfg)) if cfg.report_to != "none" else None
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=2)
+
+    order = DataOrder(len(train), seed)
+    micro_global = B * world  # samples drawn per micro-step across processes
+    mine = slice(rank * B, (rank + 1) * B)
+    history, last_ckpt, t0 = [], resume or None, time.time()
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="pretrain",
+               disable=not accelerator.is_local_main_process)
+    for step in bar:
+        model.train()
+        step_loss = 0.0
+        for micro in range(accum):
+            gen = step_generator(seed, step, micro)
+            idx = order.indices((step * accum + micro) * micro_global, micro_global)[mine]
+            t = sample_t(micro_global, cfg.timestep_density, cfg.logit_mean, cfg.logit_std, cfg.mode_scale,
+                         cfg.shift, generator=gen)[mine]
+            noise = torch.randn((micro_global, *x_train.shape[1:]), generator=gen)[mine]
+            drop = torch.rand(micro_global, len(text.layout), generator=gen)[mine] < cfg.text_drop_prob
+            ids = enc["train_ids"][idx]
+            context, pooled = zero_parts(enc["context"][ids], enc["pooled"][ids], text.layout, drop)
+            dev = accelerator.device
+            x0, noise, t, context, pooled = (v.to(dev) for v in (x_train[idx], noise, t, context, pooled))
+            with accelerator.accumulate(model):
+                loss = flow_loss(model, x0, noise, t, context, pooled).mean()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and accelerator.state.deepspeed_plugin is None:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.detach() / accum
+        scheduler.step()
+        step_loss = accelerator.reduce(step_loss, "mean").item()
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"loss is {step_loss} at step {step + 1}; stopping. "
+                                     f"Last good checkpoint: {last_ckpt or 'none'}")
+        if ema is not None:
+            ema_update(ema, full_params(model, accelerator), ema_decay_at(step, cfg.ema_decay))
+        history.append(step_loss)
+        done = step + 1
+        if done % cfg.logging_steps == 0 or done == cfg.max_steps:
+            logs = {"train/loss": sum(history) / len(history), "train/lr": scheduler.get_last_lr()[0],
+                    "train/samples_per_s": len(history) * micro_global * accum / (time.time() - t0)}
+            bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
+            accelerator.log(logs, step=done)
+            _append_log(cfg.output_dir, accelerator, {"step": done, **logs})
+            history, t0 = [], time.time()
+        if done % cfg.eval_steps == 0 or done == cfg.max_steps:
+            evaluate(model, ema, enc, prompts, cfg, accelerator, done)
+        if done % cfg.save_steps == 0 or done == cfg.max_steps:
+            last_ckpt = save_checkpoint(accelerator, cfg.output_dir, done, ema, cfg.save_total_limit)
+
+    save_final(model, ema, accelerator, os.path.join(cfg.output_dir, "final"),
+               {"text_encoders": cfg.text_encoders, "image_space": cfg.image_space, "resolution": cfg.resolution})
+    accelerator.end_training()
+
+
+def evaluate(model, ema, enc, prompts, cfg, accelerator, step):
+    """Validation loss at 8 t levels (fixed set and noise) and a grid from the EMA weights."""
+    model.eval()
+    ids = enc["val_ids"]
+    val = validation_loss(lambda x, t, c, p: model(x, t, c, p), enc["x_val"].to(accelerator.device),
+                          (enc["context"][ids].to(accelerator.device), enc["pooled"][ids].to(accelerator.device)),
+                          seed=cfg.seed)
+    accelerator.log({"val/loss": val["loss"], **{f"val/loss_t{i}": v for i, v in enumerate(val["loss_t"])}},
+                    step=step)
+    _append_log(cfg.output_dir, accelerator, {"step": step, "val/loss": val["loss"]})
+    if accelerator.is_main_process:
+        net = ema if ema is not None else accelerator.unwrap_model(model)
+        p = enc["prompt_ids"]
+        images = sample(net.eval(), enc["context"][p], enc["pooled"][p], list(range(len(p))),
+                        enc["x_val"].shape[1:], steps=cfg.sample_steps, guidance=cfg.guidance, progress=False)
+        os.makedirs(os.path.join(cfg.output_dir, "samples"), exist_ok=True)
+        save_grid(images.clamp(-1, 1), os.path.join(cfg.output_dir, "samples", f"step-{step:06d}.png"))
+    model.train()
+
+
+def save_final(model, ema, accelerator, path, conditioning: dict):
+    """One consolidated model.safetensors (ZeRO-3 shards gathered): EMA in `final/`, raw in `final/raw/`,
+    and `conditioning.json` naming the text encoders and image space the model was trained with."""
+    state = accelerator.get_state_dict(model)  # every process takes part under ZeRO-3
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        tmp = path.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        (ema if ema is not None else unwrapped).save_pretrained(tmp)
+        unwrapped.save_pretrained(os.path.join(tmp, "raw"), state_dict=state)
+        with open(os.path.join(tmp, "conditioning.json"), "w") as f:
+            json.dump(conditioning, f, indent=2)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        accelerator.print(f"final model: {path}")
+    accelerator.wait_for_everyone()
+
+
+def _append_log(output_dir, accelerator, row: dict):
+    if accelerator.is_main_process:
+        with open(os.path.join(output_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main(parse(PretrainConfig))
