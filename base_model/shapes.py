@@ -50,6 +50,9 @@ class WorldConfig:
     # (12 + 2 + 12 <= 32), so counting up to 4 needs no smaller objects
     gap: int = 2
     max_count: int = 4  # counting prompts ask for 2..max_count objects
+    # corners snap to multiples of this many grid pixels: 4 is the toy model's patch, so every
+    # object is exactly 3×3 patches and looks the same wherever it is (a measured lever for tiny models)
+    snap: int = 4
     heldout_combos: tuple[tuple[str, str], ...] = (("green", "circle"), ("yellow", "triangle"))
 
     def __post_init__(self):
@@ -59,7 +62,8 @@ class WorldConfig:
         if any(c not in names or s not in self.shapes for c, s in self.heldout_combos):
             raise ValueError(f"held-out combos {self.heldout_combos} are not in the world")
         side = math.ceil(math.sqrt(self.max_count))
-        if side * (self.object_size + self.gap) - self.gap > self.grid:
+        step = math.ceil((self.object_size + self.gap) / self.snap) * self.snap  # snapped pitch
+        if (side - 1) * step + self.object_size > self.grid:
             raise ValueError(f"{self.max_count} objects of {self.object_size} px do not fit")
 
     @property
@@ -164,12 +168,12 @@ def _pick_combos(rng, task, world, heldout) -> list[tuple[str, str]]:
 def _place(rng, n, world, relation=None, tries=50) -> list[tuple[int, int]]:
     """Top-left grid corners of `n` boxes, pairwise `world.gap` apart; for a relation, two boxes
     that show it clearly. Rejection sampling, restarting the layout when an object finds no room."""
-    top = world.grid - world.object_size
+    top = (world.grid - world.object_size) // world.snap  # in snap units
     for _ in range(1000):
         corners: list[tuple[int, int]] = []
         for _ in range(n):
             for _ in range(tries):
-                c = (int(rng.integers(top + 1)), int(rng.integers(top + 1)))
+                c = (world.snap * int(rng.integers(top + 1)), world.snap * int(rng.integers(top + 1)))
                 if all(_apart(c, d, world) for d in corners):
                     corners.append(c)
                     break
