@@ -212,7 +212,7 @@ def prepare_data(cfg: PretrainConfig):
     return train, val, val.captions[:cfg.num_samples]
 
 
-def encode_all(text, vae, train, val, prompts, output_dir):
+def encode_all(text, vae, train, val, prompts):
     """Text embeddings once per distinct caption, latents once per image."""
     captions = sorted(set(train.captions) | set(val.captions) | set(prompts))
     context, pooled = text.encode(captions)
@@ -253,7 +253,7 @@ def main(cfg: PretrainConfig):
     train, val, prompts = prepare_data(cfg)
     if train.skipped:
         accelerator.print(f"skipped {train.skipped} undecodable images")
-    enc = encode_all(text, vae, train, val, prompts, cfg.output_dir)
+    enc = encode_all(text, vae, train, val, prompts)
     x_train = enc["x_train"]
     model_cfg = preset(cfg.model_preset, in_channels=vae.channels, context_dim=text.context_dim,
                        pooled_dim=text.pooled_dim, sample_size=cfg.resolution // vae.downsample)
@@ -285,8 +285,9 @@ def main(cfg: PretrainConfig):
         if ema is not None:
             ema.load_state_dict(MMDiT.from_pretrained(os.path.join(resume, "ema")).state_dict())
         accelerator.print(f"resumed from {resume} at step {start}")
+    if cfg.report_to != "none":
+        accelerator.init_trackers("flowalign-pretrain", config=asdict(cfg))
     if accelerator.is_main_process:
-        accelerator.init_trackers("flowalign-pretrain", config=asdict(cfg)) if cfg.report_to != "none" else None
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=2)
 
