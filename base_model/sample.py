@@ -1,48 +1,55 @@
-"""Sample a grid from an MMDiT checkpoint (or a freshly initialised preset), with fixed seeds.
+"""Sample a grid from an MMDiT checkpoint with fixed seeds, conditioned on prompts.
 
-    python -m base_model.sample --checkpoint runs/toy/final --output_dir runs/samples
-    python -m base_model.sample --preset toy --output_dir runs/demo   # untrained: noise-like output
+    python -m base_model.sample --checkpoint runs/toy/final --prompts "a red square" "a blue circle"
+    python -m base_model.sample --checkpoint runs/toy/final            # 16 held-out shapes prompts
 
-Until the text stage lands (issue "Pretraining"), the context is a fixed random tensor per seed.
-Writes `grid.png` and prints where it is.
+The checkpoint's `conditioning.json` (written by pretraining) names its text encoders. Writes
+`output_dir/grid.png` (one image per prompt, seed = index) and prints where it is.
 """
 
 import argparse
+import json
 import os
 
-import torch
-
-from .mmdit import MMDiT, preset
+from .mmdit import MMDiT
 from .sampling import sample
-from .shapes import save_grid
+from .shapes import make_split, save_grid
+
+
+def load_conditioning(checkpoint: str) -> dict:
+    """Text encoders and image space a checkpoint was trained with (pretraining's defaults if absent)."""
+    path = os.path.join(checkpoint, "conditioning.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {"text_encoders": ["minilm"], "image_space": "pixels"}
 
 
 def main(argv=None):
+    from .text import TextEmbedder
+    from .vae import image_space
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", help="a folder with config.json + model.safetensors")
-    ap.add_argument("--preset", default="toy", help="used when no --checkpoint is given")
+    ap.add_argument("--checkpoint", required=True, help="a folder with config.json + model.safetensors")
+    ap.add_argument("--prompts", nargs="*", default=None)
     ap.add_argument("--output_dir", default="runs/samples")
-    ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--shift", type=float, default=1.0)
-    ap.add_argument("--guidance", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--guidance", type=float, default=4.0)
     args = ap.parse_args(argv)
 
-    torch.manual_seed(args.seed)
-    model = MMDiT.from_pretrained(args.checkpoint) if args.checkpoint else MMDiT(preset(args.preset))
+    model = MMDiT.from_pretrained(args.checkpoint).eval()
+    cond = load_conditioning(args.checkpoint)
+    prompts = args.prompts or [s.caption for s in make_split("heldout_prompts", 16)]
+    context, pooled = TextEmbedder(cond["text_encoders"]).encode(prompts)
     cfg = model.config
-    gen = torch.Generator().manual_seed(args.seed)
-    context = torch.randn(args.n, 8, cfg.context_dim, generator=gen)
-    pooled = torch.randn(args.n, cfg.pooled_dim, generator=gen)
-    seeds = list(range(args.seed, args.seed + args.n))
-    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    images = sample(model.eval(), context, pooled, seeds, shape, steps=args.steps, shift=args.shift,
-                    guidance=args.guidance)
+    z = sample(model, context, pooled, list(range(len(prompts))), (cfg.in_channels, cfg.sample_size, cfg.sample_size),
+               steps=args.steps, shift=args.shift, guidance=args.guidance)
+    images = image_space(cond["image_space"]).decode(z).clamp(-1, 1)
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "grid.png")
-    save_grid(images.clamp(-1, 1), path, nrow=8)
-    print(f"wrote {path} ({args.n} samples, {args.steps} Euler steps)")
+    save_grid(images, path, nrow=8)
+    print(f"wrote {path}: " + "; ".join(prompts))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import os
 import torch
 
 from base_model.mmdit import MMDiT
+from base_model.sample import load_conditioning
 from base_model.sampling import sample
 from base_model.shapes import TASKS, make_split, save_grid
 from base_model.text import TextEmbedder
@@ -33,14 +34,6 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return ((centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n))
 
 
-def conditioning(checkpoint: str) -> dict:
-    path = os.path.join(checkpoint, "conditioning.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return {"text_encoders": ["minilm"], "image_space": "pixels"}
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
@@ -52,7 +45,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     model = MMDiT.from_pretrained(args.checkpoint).eval()
-    cond = conditioning(args.checkpoint)
+    cond = load_conditioning(args.checkpoint)
     if cond["image_space"] != "pixels":
         raise ValueError("the compositional scorer judges pixel-space shapes-world models")
     scenes = make_split(args.split, args.n)

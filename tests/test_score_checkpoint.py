@@ -21,3 +21,15 @@ def test_scores_a_checkpoint_per_task(tmp_path):
     assert saved["n"] == 12 and sum(r["n"] for r in saved["tasks"].values()) == 12
     assert out["overall"] == 0.0  # an untrained model draws nothing the scorer accepts
     assert (tmp_path / "s" / "scored_samples.png").exists()
+
+
+def test_sample_cli_writes_a_grid_for_prompts(tmp_path):
+    from PIL import Image
+
+    from base_model.sample import main as sample_main
+    ckpt = tmp_path / "ckpt"
+    MMDiT(preset("toy", context_dim=384, pooled_dim=384)).save_pretrained(str(ckpt))
+    sample_main(["--checkpoint", str(ckpt), "--prompts", "a red square", "a blue circle", "--steps", "2",
+                 "--output_dir", str(tmp_path / "out")])
+    grid = Image.open(tmp_path / "out" / "grid.png")
+    assert grid.size == (2 * (32 * 4 + 2) + 2, 32 * 4 + 4)  # two 32-px tiles upscaled 4×, 2-px padding
