@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, fields
 
@@ -250,7 +251,7 @@ class MMDiT(nn.Module):
             old = path.rstrip("/") + ".old"
             os.replace(path, old)
             os.replace(tmp, path)
-            _rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
 
@@ -263,11 +264,6 @@ class MMDiT(nn.Module):
             model = cls(MMDiTConfig.from_dict(json.load(f)))
         model.load_state_dict(load_file(os.path.join(path, "model.safetensors"), device=str(device)))
         return model.to(device)
-
-
-def _rmtree(path: str):
-    import shutil
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

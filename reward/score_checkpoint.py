@@ -68,7 +68,7 @@ def main(argv=None):
     with open(os.path.join(out_dir, "scores.json"), "w") as f:
         json.dump(out, f, indent=2)
     save_grid(images[:32], os.path.join(out_dir, "scored_samples.png"), nrow=8)
-    print(f"| task | accuracy | 95% CI | n |\n|---|---|---|---|")
+    print("| task | accuracy | 95% CI | n |\n|---|---|---|---|")
     for task, r in rows.items():
         print(f"| {task} | {r['accuracy']:.1%} | {r['ci95'][0]:.1%}–{r['ci95'][1]:.1%} | {r['n']} |")
     print(f"| **overall** (mean of tasks) | {out['overall']:.1%} | | {args.n} |")
