@@ -50,6 +50,9 @@ class MMDiTConfig:
         if self.sample_size // self.patch_size > self.pos_embed_max_size:
             raise ValueError("pos_embed_max_size must cover sample_size // patch_size patches")
 
+    def to_dict(self) -> dict:  # what peft and trackers read from `model.config`
+        return asdict(self)
+
     @classmethod
     def from_dict(cls, d: dict) -> MMDiTConfig:
         unknown = set(d) - {f.name for f in fields(cls)}

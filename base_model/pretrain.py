@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
+from transformers import SchedulerType, get_scheduler
 
 from .cli import check_types, parse
 from .data import ImageCaptions, load_image_captions, shapes_data, to_model_space
@@ -58,6 +59,7 @@ class PretrainConfig:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8  # SD3 used 1e-15 with QK-norm for bf16 stability at scale
     weight_decay: float = 0.0
+    lr_scheduler_type: str = "constant_with_warmup"  # any transformers.get_scheduler name: "cosine", "linear", …
     warmup_steps: int = 100
     max_steps: int = 2000
     per_device_train_batch_size: int = 64
@@ -84,6 +86,9 @@ class PretrainConfig:
             raise ValueError(f"--timestep_density {self.timestep_density!r}: choose from {DENSITIES}")
         if self.model_preset not in PRESETS:
             raise ValueError(f"--model_preset {self.model_preset!r}: choose from {sorted(PRESETS)}")
+        if self.lr_scheduler_type not in {t.value for t in SchedulerType}:
+            raise ValueError(f"--lr_scheduler_type {self.lr_scheduler_type!r}: choose from "
+                             f"{sorted(t.value for t in SchedulerType)}")
         if self.optimizer not in ("adamw", "adamw_8bit"):
             raise ValueError(f"--optimizer {self.optimizer!r}: choose 'adamw' or 'adamw_8bit'")
         if self.mixed_precision not in ("no", "bf16"):
@@ -189,10 +194,6 @@ def cpu_process_group() -> list:
     return [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
 
 
-def warmup_constant(warmup_steps: int):
-    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
-
-
 # ---------------------------------------------------------------------------------------------
 # Data and conditioning: everything the loop needs, as tensors, computed once
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +270,8 @@ def main(cfg: PretrainConfig):
         opt_cls = torch.optim.AdamW
     optimizer = opt_cls(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                         eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(cfg.warmup_steps))
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=cfg.max_steps)
     if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed needs these before prepare
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = B

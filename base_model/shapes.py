@@ -117,6 +117,35 @@ def caption(task: str, objects: tuple[Obj, ...], relation: str | None = None) ->
     return f"{first} and {second}"  # two_object, color_attr
 
 
+def scene_from_caption(text: str) -> Scene:
+    """The scene a caption asks for, without layout (boxes are zero): enough for the scorer's
+    checks, which read only the task, the requested objects and the relation. "A and B" captions
+    are two_object and color_attr alike; they parse as two_object."""
+    words = text.strip().split()
+
+    def obj(ws: list[str]) -> Obj:
+        if len(ws) != 3 or ws[0] != "a":
+            raise ValueError(f"cannot parse {' '.join(ws)!r} in caption {text!r} as 'a COLOUR SHAPE'")
+        return Obj(ws[2], ws[1], (0.0, 0.0, 0.0, 0.0))
+
+    if words[:3] == ["a", "photo", "of"]:
+        return Scene(-1, "colors", text, (obj(words[3:]),))
+    counts = {w: n for n, w in NUMBER_WORDS.items()}
+    if len(words) == 3 and words[0] in counts and words[2].endswith("s"):
+        return Scene(-1, "counting", text, (Obj(words[2][:-1], words[1], (0.0,) * 4),) * counts[words[0]])
+    if len(words) == 3:
+        return Scene(-1, "single_object", text, (obj(words),))
+    if "and" in words:
+        i = words.index("and")
+        return Scene(-1, "two_object", text, (obj(words[:i]), obj(words[i + 1:])))
+    for rel in RELATIONS:
+        r = rel.split()
+        for i in range(len(words) - len(r) + 1):
+            if words[i:i + len(r)] == r:
+                return Scene(-1, "position", text, (obj(words[:i]), obj(words[i + len(r):])), rel)
+    raise ValueError(f"caption {text!r} is not a shapes-world template")
+
+
 def sample_scene(seed: int, world: WorldConfig = WorldConfig(),
                  task_weights: dict[str, float] | None = None, heldout: bool = False) -> Scene:
     """The scene of `seed`. With `heldout`, one object is a held-out (colour, shape) pair."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from base_model.shapes import TASKS, Scene, WorldConfig, requested, to_uint8
+from base_model.shapes import TASKS, Scene, WorldConfig, requested, scene_from_caption, to_uint8
 
 MAX_COLOR_DIST = 120.0  # RGB distance (0-255) past which a pixel is no palette colour: background
 MIN_AREA_FRAC = 0.25  # components under this fraction of an object's box area are noise
@@ -142,12 +142,14 @@ def judge(image, scene: Scene, world: WorldConfig = WorldConfig()) -> Judgement:
     return Judgement(scene.task, not failed, graded, "; ".join(failed) or "ok", tuple(detections))
 
 
-def score(images, scenes: list[Scene], world: WorldConfig = WorldConfig()) -> dict:
+def score(images, scenes: list[Scene | str], world: WorldConfig = WorldConfig()) -> dict:
     """GenEval-style summary: {"tasks": accuracy per task, "overall", "correct", "graded"}.
+    A scene may be given as its caption (parsed by `scene_from_caption`).
 
     `overall` is the unweighted mean of the task accuracies, as GenEval's overall score; tasks
     with no image in the batch are left out of the mean rather than counted as zero.
     """
+    scenes = [scene_from_caption(s) if isinstance(s, str) else s for s in scenes]
     judgements = [judge(image, scene, world) for image, scene in zip(images, scenes, strict=True)]
     tasks = {}
     for task in TASKS:

@@ -1,0 +1,68 @@
+"""LoRA adapters on the MM-DiT through peft, and a quantised frozen base (QLoRA-style).
+
+The reference model of DPO is the same network with its adapter disabled
+(`with model.disable_adapter():`), or with a frozen copy of an earlier adapter (online rounds):
+never a second copy of the base.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+# q/k/v (fused per stream), attention output and both MLP layers of both streams
+DEFAULT_TARGETS = ["qkv", "out", "mlp.0", "mlp.2"]
+REF = "ref"  # name of the frozen reference adapter in online rounds
+
+
+def add_lora(model: nn.Module, r: int = 16, alpha: int = 16, targets=None, dropout: float = 0.0,
+             init: str | bool = True):
+    """Wrap `model` in a peft LoRA model. With `init=True` (peft's default) B = 0, so the adapted
+    model starts exactly at the base and the first DPO loss is exactly log 2."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets or DEFAULT_TARGETS),
+                        lora_dropout=dropout, init_lora_weights=init)
+    return get_peft_model(model, config)
+
+
+def freeze_reference(peft_model) -> None:
+    """Copy the current (default) adapter into a frozen `ref` adapter: the next round's reference."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    state = get_peft_model_state_dict(peft_model, adapter_name="default")
+    if REF not in peft_model.peft_config:
+        peft_model.add_adapter(REF, peft_model.peft_config["default"])
+    set_peft_model_state_dict(peft_model, state, adapter_name=REF)
+    for name, p in peft_model.named_parameters():
+        if f".{REF}." in name:
+            p.requires_grad_(False)
+    peft_model.set_adapter("default")
+
+
+def quantize_base(model: nn.Module, bits: int) -> nn.Module:
+    """Replace every nn.Linear of the transformer blocks and final layer by bitsandbytes' 4-bit
+    NF4 (`bits=4`) or 8-bit (`bits=8`) layer holding the same weights, frozen. Embedders stay in
+    full precision (they are small and shape the conditioning)."""
+    import bitsandbytes as bnb
+
+    if bits not in (4, 8):
+        raise ValueError(f"base quantisation must be 4 or 8 bits, got {bits}")
+    for parent_name, parent in list(model.named_modules()):
+        if not (parent_name.startswith("blocks") or parent_name == ""):
+            continue
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear) or (parent_name == "" and not name.startswith("final")):
+                continue
+            if bits == 4:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.float32, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4")
+            else:
+                q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                        has_fp16_weights=False)
+                q.weight = bnb.nn.Int8Params(child.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+            setattr(parent, name, q.to(child.weight.device))  # moving to a device quantises
+    return model

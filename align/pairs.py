@@ -1,0 +1,238 @@
+"""Preference pairs in the Pick-a-Pic v2 schema: loading them, and making them on-policy.
+
+One format for every pair: a `datasets.Dataset` with Pick-a-Pic's columns (`caption`, `jpg_0`,
+`jpg_1` as encoded image bytes, `label_0`, `label_1`, and where known `model_0`, `model_1`,
+`user_id`, `ranking_id`, `image_0_uid`, `image_1_uid`, `best_image_uid`, `has_label`,
+`are_different`), saved with `save_to_disk` or as parquet. On-policy pairs add `seed_0`,
+`seed_1`, `score_0`, `score_1`.
+
+    python -m align.pairs --base runs/toy/final --prompts train --n_prompts 400 --k 8 \
+        --reward compositional --rule threshold --output runs/pairs
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from base_model.data import _decode, _open_dataset, resize_center_crop
+
+REQUIRED = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
+OPTIONAL = {"model_0": "", "model_1": "", "user_id": 0, "ranking_id": 0, "image_0_uid": "", "image_1_uid": "",
+            "best_image_uid": "", "has_label": True, "are_different": True}
+
+
+@dataclass
+class Pairs:
+    """Decoded pairs, winner first: images uint8 (N, 3, R, R)."""
+    captions: list[str]
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    dropped: dict[str, int] = field(default_factory=dict)  # reason → rows dropped
+
+    def __len__(self):
+        return len(self.captions)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def pairs_dataset(rows: list[dict]):
+    """A Pick-a-Pic-schema `datasets.Dataset` from dicts holding at least REQUIRED; absent optional
+    columns get neutral values (has_label and are_different True)."""
+    import datasets
+
+    columns = list(REQUIRED) + list(OPTIONAL) + sorted({k for r in rows for k in r} - set(REQUIRED) - set(OPTIONAL))
+    return datasets.Dataset.from_dict({c: [r.get(c, OPTIONAL.get(c)) for r in rows] for c in columns})
+
+
+def _open(path: str):
+    if os.path.exists(path):
+        return _open_dataset(path)
+    import datasets  # a hub name: only what is already in the local cache
+
+    try:
+        return datasets.load_dataset(path, split="train")
+    except Exception as e:
+        raise FileNotFoundError(f"pairs {path!r}: not a local folder or file, and not loadable from the "
+                                f"local datasets cache ({type(e).__name__}: {e})") from e
+
+
+def load_pairs(path: str, resolution: int, max_bad_fraction: float = 0.01) -> Pairs:
+    """Pairs from a parquet / arrow / save_to_disk folder (or a cached hub dataset), winner first.
+
+    Dropped and counted by reason: `tie` (label_0 == 0.5), `no_label` (has_label False),
+    `not_different` (are_different False). Images are resized (centre crop) to `resolution`. An
+    undecodable image is skipped, counted as `bad` and named; more than `max_bad_fraction` bad rows
+    stop the load with the rows named. A missing required column is an error naming it."""
+    ds = _open(path)
+    missing = [c for c in REQUIRED if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"pairs {path!r} lack column(s) {missing}; Pick-a-Pic needs {list(REQUIRED)}")
+    dropped = {"tie": 0, "no_label": 0, "not_different": 0, "bad": 0}
+    captions, chosen, rejected, bad = [], [], [], []
+    for i, row in enumerate(ds):
+        if "has_label" in row and row["has_label"] is False:
+            dropped["no_label"] += 1
+            continue
+        if "are_different" in row and row["are_different"] is False:
+            dropped["not_different"] += 1
+            continue
+        label_0 = row["label_0"]
+        if label_0 is None or row["caption"] is None:
+            bad.append(f"row {i}: {'label_0' if label_0 is None else 'caption'} is empty")
+            continue
+        if label_0 == 0.5:
+            dropped["tie"] += 1
+            continue
+        try:
+            images = []
+            for col in ("jpg_0", "jpg_1"):
+                try:
+                    images.append(resize_center_crop(_decode(row[col]), resolution))
+                except Exception as e:
+                    raise ValueError(f"row {i}, column {col}: undecodable image ({type(e).__name__})") from e
+        except ValueError as e:
+            bad.append(str(e))
+            continue
+        first_wins = label_0 > row["label_1"]
+        captions.append(row["caption"])
+        chosen.append(images[0] if first_wins else images[1])
+        rejected.append(images[1] if first_wins else images[0])
+    dropped["bad"] = len(bad)
+    if len(bad) > max_bad_fraction * len(ds):
+        raise ValueError(f"pairs {path!r}: {len(bad)} of {len(ds)} rows are bad (> {max_bad_fraction:.0%}): "
+                         + "; ".join(bad[:20]))
+    if not captions:
+        raise ValueError(f"pairs {path!r}: no usable pair (dropped: {dropped})")
+    to_tensor = lambda imgs: torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+    return Pairs(captions, to_tensor(chosen), to_tensor(rejected), dropped)
+
+
+# ---------------------------------------------------------------------------------------------
+# On-policy pairs (AI feedback): sample K per prompt, score, keep winner/loser pairs
+# ---------------------------------------------------------------------------------------------
+
+
+def choose_pairs(scores: torch.Tensor, rule: str = "threshold", threshold: float = 1.0, margin: float = 0.0,
+                 max_pairs: int = 3) -> list[tuple[int, int]]:
+    """Winner/loser indices among one prompt's K scores.
+    `threshold`: a winner scores ≥ threshold and a loser below it (for the compositional reward,
+    threshold 1.0 is correct vs incorrect); pairs the best winners with the worst losers, at most
+    `max_pairs`, each image used once. `best_worst`: the best vs the worst if they differ by > margin."""
+    order = torch.argsort(scores, descending=True, stable=True).tolist()
+    if rule == "best_worst":
+        best, worst = order[0], order[-1]
+        return [(best, worst)] if scores[best] - scores[worst] > margin else []
+    if rule != "threshold":
+        raise ValueError(f"unknown pair rule {rule!r}; choose 'threshold' or 'best_worst'")
+    winners = [i for i in order if scores[i] >= threshold]
+    losers = [i for i in reversed(order) if scores[i] < threshold and scores[i] <= threshold - margin]
+    return list(zip(winners, losers))[:max_pairs]
+
+
+def prompts_from(spec: str, n: int, seed_offset: int = 0) -> list[str]:
+    """Prompts by name: a shapes-world split ('train', 'heldout_prompts', …) or a text file, one per line."""
+    from base_model.shapes import SPLIT_OFFSETS, make_split
+
+    if spec in SPLIT_OFFSETS:
+        return [s.caption for s in make_split(spec, seed_offset + n)[seed_offset:]]
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"--prompts {spec!r}: not a shapes split ({list(SPLIT_OFFSETS)}) nor a file")
+    with open(spec) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    return lines[:n] if n else lines
+
+
+def on_policy_pairs(model, text, prompts: list[str], k: int, reward: str, rule: str = "threshold",
+                    threshold: float = 1.0, margin: float = 0.0, max_pairs: int = 3, steps: int = 20,
+                    guidance: float = 4.0, shift: float = 1.0, seed: int = 0, model_name: str = "policy",
+                    batch_size: int = 256) -> tuple[list[dict], dict]:
+    """Sample K images per prompt (seed = seed + prompt·K + j, recorded), score them, pick pairs.
+    Returns (Pick-a-Pic rows, summary)."""
+    from base_model.sampling import sample
+    from base_model.shapes import to_uint8
+    from reward.scorers import get_scorer
+
+    score_fn = get_scorer(reward)
+    context, pooled = text.encode(prompts)
+    rep = torch.arange(len(prompts)).repeat_interleave(k)
+    seeds = [seed + i for i in range(len(prompts) * k)]
+    cfg = model.config
+    images = sample(model, context[rep], pooled[rep], seeds, (cfg.in_channels, cfg.sample_size, cfg.sample_size),
+                    steps=steps, shift=shift, guidance=guidance, batch_size=batch_size).clamp(-1, 1)
+    scores = score_fn(images, [prompts[i] for i in rep.tolist()]).view(len(prompts), k)
+    rows = []
+    for p, caption in enumerate(prompts):
+        for w, l in choose_pairs(scores[p], rule, threshold, margin, max_pairs):
+            iw, il = p * k + w, p * k + l
+            rows.append({"caption": caption, "jpg_0": encode_png(to_uint8(images[iw])),
+                         "jpg_1": encode_png(to_uint8(images[il])), "label_0": 1.0, "label_1": 0.0,
+                         "model_0": model_name, "model_1": model_name, "ranking_id": p,
+                         "image_0_uid": str(seeds[iw]), "image_1_uid": str(seeds[il]),
+                         "best_image_uid": str(seeds[iw]), "seed_0": seeds[iw], "seed_1": seeds[il],
+                         "score_0": float(scores[p, w]), "score_1": float(scores[p, l])})
+    summary = {"prompts": len(prompts), "k": k, "pairs": len(rows), "reward": reward,
+               "mean_score": float(scores.mean()), "prompts_with_pair": len({r["ranking_id"] for r in rows})}
+    return rows, {"summary": summary, "scores": scores.tolist(), "seeds": seeds}
+
+
+def main(argv=None):
+    from base_model.adapters import conditioning_dir, load_model
+    from base_model.sample import load_conditioning
+    from base_model.text import TextEmbedder
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", required=True, help="checkpoint, or CHECKPOINT+ADAPTER")
+    ap.add_argument("--prompts", default="train", help="a shapes-world split name or a text file")
+    ap.add_argument("--n_prompts", type=int, default=400)
+    ap.add_argument("--prompt_offset", type=int, default=0, help="skip this many prompts of the split")
+    ap.add_argument("--k", type=int, default=8, help="samples per prompt")
+    ap.add_argument("--reward", default="compositional")
+    ap.add_argument("--rule", default="threshold", choices=["threshold", "best_worst"])
+    ap.add_argument("--threshold", type=float, default=1.0)
+    ap.add_argument("--margin", type=float, default=0.0)
+    ap.add_argument("--max_pairs_per_prompt", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--seed", type=int, default=1_000_000)
+    ap.add_argument("--output", required=True)
+    args = ap.parse_args(argv)
+
+    cond = load_conditioning(conditioning_dir(args.base))
+    model = load_model(args.base).eval()
+    prompts = prompts_from(args.prompts, args.n_prompts, args.prompt_offset)
+    rows, info = on_policy_pairs(model, TextEmbedder(cond["text_encoders"]), prompts, args.k, args.reward,
+                                 args.rule, args.threshold, args.margin, args.max_pairs_per_prompt,
+                                 args.steps, args.guidance, seed=args.seed, model_name=args.base)
+    if not rows:
+        raise SystemExit(f"no pair met the rule {args.rule!r}: {info['summary']}")
+    write_pairs(rows, args.output, {**info, "args": vars(args)})
+    print(json.dumps(info["summary"]))
+
+
+def write_pairs(rows: list[dict], output: str, info: dict) -> None:
+    """save_to_disk into a temporary folder, then rename: a kill never leaves half a dataset."""
+    import shutil
+
+    tmp = output.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pairs_dataset(rows).save_to_disk(tmp)
+    with open(os.path.join(tmp, "pairs_info.json"), "w") as f:
+        json.dump(info, f)
+    shutil.rmtree(output, ignore_errors=True)
+    os.replace(tmp, output)
+
+
+if __name__ == "__main__":
+    main()

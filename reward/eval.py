@@ -1,0 +1,218 @@
+"""Evaluate models side by side on the same prompts and seeds: scores with CIs, win rates,
+validation loss, `results.json` and `report.html`.
+
+    python -m reward.eval --model base=runs/toy/final --model dpo=runs/toy/final+runs/dpo/final \
+        --prompts heldout_prompts --n_prompts 200 --n_per_prompt 4 --output_dir runs/eval
+
+A model is a spec of `base_model.adapters` (checkpoint, checkpoint+adapter, or adapter folder).
+Prompts are a shapes-world split (scenes, so the compositional scorer reports per task) or a text
+file, one prompt per line. Image j of prompt i has seed `seed + i·n_per_prompt + j` for every
+model, so images compare pairwise. The first model is the reference of the win rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from base_model.adapters import conditioning_dir, load_model
+from base_model.data import shapes_data, to_model_space
+from base_model.flow import validation_loss
+from base_model.sample import load_conditioning
+from base_model.sampling import sample
+from base_model.shapes import SPLIT_OFFSETS, TASKS, make_split
+from base_model.text import TextEmbedder
+from base_model.vae import image_space
+
+from . import compositional, stats
+from .scorers import get_scorer
+
+
+@dataclass
+class EvalConfig:
+    models: list[tuple[str, str]]  # (name, spec)
+    prompts: str = "heldout_prompts"
+    n_prompts: int = 200
+    n_per_prompt: int = 4
+    scorers: list[str] = field(default_factory=lambda: ["compositional"])
+    steps: int = 20
+    guidance: float = 4.0
+    shift: float = 1.0
+    seed: int = 0
+    val_images: int = 256  # shapes-world validation images for the 8-level validation loss (0: skip)
+    batch_size: int = 256
+    report_prompts: int = 48  # prompts shown in the report's image grid
+    output_dir: str = "runs/eval"
+    report_to: str = "none"
+
+
+def read_prompts(spec: str, n: int):
+    """→ (captions, scenes or None). A split name gives scenes; a file gives one prompt per line."""
+    if spec in SPLIT_OFFSETS:
+        scenes = make_split(spec, n)
+        return [s.caption for s in scenes], scenes
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"--prompts {spec!r}: neither a shapes-world split {list(SPLIT_OFFSETS)} nor a file")
+    with open(spec) as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            raise ValueError(f"{spec}, line {i}: empty prompt")
+    return lines[:n] if n else lines, None
+
+
+def generate(spec: str, captions: list[str], cfg: EvalConfig):
+    """Images (P·K, 3, H, W) in [-1, 1] and the 8-level validation loss of one model."""
+    cond = load_conditioning(conditioning_dir(spec))
+    model = load_model(spec).eval()
+    text, space = TextEmbedder(cond["text_encoders"]), image_space(cond["image_space"])
+    context, pooled = text.encode(captions)
+    k = cfg.n_per_prompt
+    rep = torch.arange(len(captions)).repeat_interleave(k)
+    seeds = [cfg.seed + i for i in range(len(captions) * k)]
+    c = model.config
+    z = sample(model, context[rep], pooled[rep], seeds, (c.in_channels, c.sample_size, c.sample_size),
+               steps=cfg.steps, shift=cfg.shift, guidance=cfg.guidance, batch_size=cfg.batch_size)
+    images = space.decode(z).clamp(-1, 1)
+    val = None
+    if cfg.val_images and cond["image_space"] == "pixels":
+        data, _ = shapes_data("val", cfg.val_images, c.sample_size)
+        vc, vp = text.encode(data.captions)
+        val = validation_loss(model, to_model_space(data.images), (vc, vp), seed=cfg.seed)
+    return images, val
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    captions, scenes = read_prompts(cfg.prompts, cfg.n_prompts)
+    k = cfg.n_per_prompt
+    groups = np.repeat(np.arange(len(captions)), k)  # bootstrap resamples prompts
+    targets = [s for s in scenes for _ in range(k)] if scenes else [c for c in captions for _ in range(k)]
+    out = {"config": {**asdict(cfg), "models": dict(cfg.models)}, "models": {}, "pairwise": {}}
+    images, per_image = {}, {}
+    for name, spec in cfg.models:
+        t0 = time.time()
+        images[name], val = generate(spec, captions, cfg)
+        scores = {s: get_scorer(s)(images[name], targets).numpy() for s in cfg.scorers if s != "compositional"}
+        m = {"sampling_s": time.time() - t0, "scores": {}}
+        if "compositional" in cfg.scorers:
+            judged = [compositional.judge(img, tgt if scenes else compositional.scene_from_caption(tgt))
+                      for img, tgt in zip(images[name], targets)]
+            correct = np.array([j.correct for j in judged], dtype=float)
+            scores["compositional"] = np.array([j.graded for j in judged])
+            tasks = [j.task for j in judged]
+            m["accuracy"] = stats.mean_ci(correct, groups)
+            m["tasks"] = {t: stats.mean_ci(correct[[x == t for x in tasks]], groups[[x == t for x in tasks]])
+                          for t in TASKS if t in tasks}
+            m["geneval_overall"] = float(np.mean([v["mean"] for v in m["tasks"].values()]))
+            per_image[name] = {"correct": correct, "explain": [j.reason for j in judged], "tasks": tasks}
+        for s, v in scores.items():
+            m["scores"][s] = stats.mean_ci(v, groups)
+        if val is not None:
+            m["val_loss"] = val
+        per_image.setdefault(name, {})["scores"] = scores
+        out["models"][name] = m
+    ref = cfg.models[0][0]
+    for name, _ in cfg.models[1:]:
+        pw = {}
+        for s in per_image[ref]["scores"]:
+            pw[s] = stats.win_rate(per_image[ref]["scores"][s], per_image[name]["scores"][s], groups)
+        if "correct" in per_image[ref]:
+            pw["accuracy_diff"] = stats.paired_diff(per_image[ref]["correct"], per_image[name]["correct"], groups)
+        out["pairwise"][f"{name}_vs_{ref}"] = pw
+    if len(cfg.models) > 2 and cfg.scorers:
+        primary = cfg.scorers[0]
+        names = [n for n, _ in cfg.models]
+        comps = []
+        for a in range(len(names)):
+            for b in range(a + 1, len(names)):
+                sa, sb = per_image[names[a]]["scores"][primary], per_image[names[b]]["scores"][primary]
+                comps += [(a, b, 1.0 if x > y else 0.0 if x < y else 0.5) for x, y in zip(sa, sb)]
+        bt = stats.bradley_terry_ci(comps, len(names))
+        out["bradley_terry"] = {"scorer": primary, "models": names, **bt}
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    with open(os.path.join(cfg.output_dir, "results.json"), "w") as f:
+        json.dump(out, f, indent=2, default=_json)
+    from .report import write_report
+
+    write_report(out, images, per_image, captions, cfg, os.path.join(cfg.output_dir, "report.html"))
+    return out
+
+
+def _json(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(type(x))
+
+
+def summary_lines(out: dict) -> list[str]:
+    lines = []
+    for name, m in out["models"].items():
+        if "accuracy" in m:
+            a = m["accuracy"]
+            lines.append(f"{name}: compositional accuracy {a['mean']:.1%} [{a['ci95'][0]:.1%}, {a['ci95'][1]:.1%}]"
+                         f", GenEval overall {m['geneval_overall']:.1%}")
+    for key, pw in out["pairwise"].items():
+        if "accuracy_diff" in pw:
+            d = pw["accuracy_diff"]
+            lines.append(f"{key}: Δ accuracy {d['diff']:+.1%} [{d['ci95'][0]:+.1%}, {d['ci95'][1]:+.1%}]")
+        for s, w in pw.items():
+            if s != "accuracy_diff":
+                lines.append(f"{key}: win rate ({s}) {w['win_rate']:.3f} [{w['ci95'][0]:.3f}, {w['ci95'][1]:.3f}]"
+                             f" W/T/L {w['wins']}/{w['ties']}/{w['losses']}, sign test p={w['sign_test_p']:.3g}")
+    return lines
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", required=True, help="NAME=SPEC; the first is the reference")
+    ap.add_argument("--prompts", default="heldout_prompts")
+    ap.add_argument("--n_prompts", type=int, default=200)
+    ap.add_argument("--n_per_prompt", type=int, default=4)
+    ap.add_argument("--scorers", nargs="+", default=["compositional"])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--shift", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--val_images", type=int, default=256)
+    ap.add_argument("--report_prompts", type=int, default=48)
+    ap.add_argument("--output_dir", default="runs/eval")
+    ap.add_argument("--report_to", default="none", choices=["none", "wandb"])
+    args = ap.parse_args(argv)
+    models = []
+    for m in args.model:
+        name, sep, spec = m.partition("=")
+        if not sep or not name or not spec:
+            raise ValueError(f"--model {m!r}: expected NAME=SPEC")
+        models.append((name, spec))
+    cfg = EvalConfig(models=models, **{k: v for k, v in vars(args).items() if k != "model"})
+    out = evaluate(cfg)
+    for line in summary_lines(out):
+        print(line)
+    if cfg.report_to == "wandb":
+        _log_wandb(out, cfg)
+    print(f"wrote {cfg.output_dir}/results.json and report.html")
+    return out
+
+
+def _log_wandb(out, cfg):
+    import wandb
+
+    os.environ.setdefault("WANDB_MODE", "offline" if not os.environ.get("WANDB_API_KEY") else "online")
+    run = wandb.init(project="flowalign-eval", config=out["config"], dir=cfg.output_dir)
+    for name, m in out["models"].items():
+        run.log({f"{name}/accuracy": m.get("accuracy", {}).get("mean"),
+                 **{f"{name}/{s}": v["mean"] for s, v in m["scores"].items()}})
+    run.log({"report": wandb.Html(open(os.path.join(cfg.output_dir, "report.html")).read())})
+    run.finish()
+
+
+if __name__ == "__main__":
+    main()

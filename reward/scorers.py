@@ -1,0 +1,41 @@
+"""Scorers by name: each is `score(images, prompts) -> Tensor (N,)`, higher is better.
+
+`images` are float (N, 3, H, W) in [-1, 1]; `prompts` are captions (or shapes-world scenes,
+which carry their layout). A spec is "NAME" or "NAME:PATH" (a local model folder):
+
+    compositional          the shapes world's reference scorer (graded; 1.0 exactly when correct)
+    other NAME[:PATH]      module `reward.NAME` with `load(path) -> score(images, prompts)`
+
+The compositional score is the graded fraction of the prompt's attributes satisfied.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from . import compositional
+
+# name → module of reward/ exposing `load(path: str | None) -> scorer`
+MODULES = {
+    "clipscore": "reward.clipscore", "pickscore": "reward.pickscore", "hpsv2": "reward.hpsv2",
+    "imagereward": "reward.imagereward", "aesthetic": "reward.aesthetic",
+    "imagetext": "reward.imagetext", "preference": "reward.preference",
+}
+
+
+def compositional_score(images, prompts) -> torch.Tensor:
+    return torch.tensor(compositional.score(list(images), list(prompts))["graded"], dtype=torch.float32)
+
+
+SCORERS = {"compositional": compositional_score}
+
+
+def get_scorer(spec: str):
+    name, _, path = spec.partition(":")
+    if name in SCORERS:
+        return SCORERS[name]
+    if name not in MODULES:
+        raise ValueError(f"unknown reward {name!r}; choose from {sorted(SCORERS) + sorted(MODULES)}")
+    return importlib.import_module(MODULES[name]).load(path or None)

@@ -1,0 +1,171 @@
+"""Statistics for comparing models: bootstrap intervals, paired win rates, Bradley–Terry ratings
+and inter-annotator agreement. Pure numpy/scipy functions of arrays that return plain floats and
+dicts (JSON-ready), shared by the evaluation report and the human-evaluation app.
+
+Bootstrap intervals are percentile intervals. When `groups` is given (one id per value, e.g. the
+prompt id), whole groups are resampled: images of one prompt are correlated, so resampling them
+one by one would understate the uncertainty.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import optimize, special, stats
+
+ELO = 400 / np.log(10)  # natural-log strength -> Elo points: P(i beats j) = 1/(1 + 10^(-ΔR/400))
+
+
+def _resamples(n: int, groups, n_boot: int, rng: np.random.Generator):
+    """Yield `n_boot` index arrays into n items: items drawn with replacement, or whole groups
+    drawn with replacement when `groups` (one id per item) is given."""
+    if groups is None:
+        for _ in range(n_boot):
+            yield rng.integers(0, n, n)
+        return
+    groups = np.asarray(groups)
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} group ids for {n} values")
+    _, inverse = np.unique(groups, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    members = np.split(order, np.cumsum(np.bincount(inverse))[:-1])  # item indices per group
+    for _ in range(n_boot):
+        picks = rng.integers(0, len(members), len(members))
+        yield np.concatenate([members[g] for g in picks])
+
+
+def _interval(samples, level: float) -> np.ndarray:
+    """Percentile interval of bootstrap samples along axis 0: [lo, hi] (per column if 2-D)."""
+    return np.quantile(np.asarray(samples), [(1 - level) / 2, (1 + level) / 2], axis=0)
+
+
+def bootstrap_ci(values, groups=None, stat=np.mean, n_boot=2000, level=0.95, seed=0):
+    """Percentile bootstrap interval (lo, hi) of `stat(values)`, resampling values, or whole
+    groups when `groups` is given (cluster bootstrap over prompts)."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    rng = np.random.default_rng(seed)
+    boots = [stat(values[idx]) for idx in _resamples(len(values), groups, n_boot, rng)]
+    lo, hi = _interval(boots, level)
+    return float(lo), float(hi)
+
+
+def mean_ci(values, groups=None, **kw) -> dict:
+    """Mean with its bootstrap interval: {"mean", "ci95": [lo, hi], "n"}; `kw` go to
+    `bootstrap_ci` (the key stays "ci95" whatever `level`)."""
+    values = np.asarray(values, dtype=np.float64)
+    lo, hi = bootstrap_ci(values, groups, **kw)
+    return {"mean": float(values.mean()), "ci95": [lo, hi], "n": len(values)}
+
+
+def paired_diff(a, b, groups=None, **kw) -> dict:
+    """Mean paired difference b − a (e.g. per-image correctness of model B minus model A on the
+    same prompt and seed) with its bootstrap interval: {"diff", "ci95", "n"}."""
+    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    out = mean_ci(d, groups, **kw)
+    return {"diff": out["mean"], "ci95": out["ci95"], "n": out["n"]}
+
+
+def outcome_win_rate(outcomes, groups=None, **kw) -> dict:
+    """Win rate of B over A from outcomes coded 1 (B wins), 0.5 (tie), 0 (A wins), e.g. human
+    votes. win_rate = (W + T/2) / N with a bootstrap interval; sign_test_p is the two-sided
+    binomial test of W against L with ties dropped (1.0 when there are none)."""
+    outcomes = np.asarray(outcomes, dtype=np.float64)
+    if not np.isin(outcomes, [0.0, 0.5, 1.0]).all():
+        raise ValueError("outcomes must be 1 (B wins), 0.5 (tie) or 0 (A wins)")
+    wins, ties = int((outcomes == 1).sum()), int((outcomes == 0.5).sum())
+    losses = len(outcomes) - wins - ties
+    rate = mean_ci(outcomes, groups, **kw)
+    p = stats.binomtest(wins, wins + losses, 0.5).pvalue if wins + losses else 1.0
+    return {"wins": wins, "ties": ties, "losses": losses, "n": len(outcomes),
+            "win_rate": rate["mean"], "ci95": rate["ci95"], "sign_test_p": float(p)}
+
+
+def win_rate(a, b, groups=None, tie_tol=0.0, **kw) -> dict:
+    """Win rate of model B over model A on paired scores: B wins an item when b > a + tie_tol,
+    ties when |b − a| <= tie_tol. Same keys as `outcome_win_rate`."""
+    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    outcomes = np.where(d > tie_tol, 1.0, np.where(d < -tie_tol, 0.0, 0.5))
+    return outcome_win_rate(outcomes, groups, **kw)
+
+
+def _points(comparisons: np.ndarray, n_models: int) -> np.ndarray:
+    """(n_models, n_models) matrix W with W[i, j] = points i scored against j (a tie is half)."""
+    i, j, y = comparisons[:, 0].astype(int), comparisons[:, 1].astype(int), comparisons[:, 2]
+    W = np.zeros((n_models, n_models))
+    np.add.at(W, (i, j), y)
+    np.add.at(W, (j, i), 1 - y)
+    return W
+
+
+def _fit_points(W: np.ndarray, iters: int, l2: float) -> np.ndarray:
+    """Elo ratings maximising Σ_ij W_ij log σ(θ_i − θ_j) − l2/2 ‖θ‖², mean 0."""
+
+    def loss(theta):
+        D = theta[:, None] - theta[None, :]  # (n, n): θ_i − θ_j
+        G = W * special.expit(-D)  # W_ij σ(θ_j − θ_i), the gradient of each log σ term
+        nll = (W * np.logaddexp(0, -D)).sum() + l2 / 2 * theta @ theta
+        return nll, -(G.sum(1) - G.sum(0)) + l2 * theta
+
+    theta0 = np.zeros(len(W))
+    res = optimize.minimize(loss, theta0, jac=True, method="L-BFGS-B",
+                            options={"maxiter": iters, "gtol": 1e-9, "ftol": 1e-15})
+    theta = res.x - res.x.mean()  # the penalty already centres θ at the optimum; exact zero here
+    return ELO * theta
+
+
+def bradley_terry(comparisons, n_models: int, iters: int = 500, l2: float = 1e-3) -> np.ndarray:
+    """Maximum-likelihood Bradley–Terry ratings of `n_models` models from (i, j, outcome) rows,
+    outcome 1 if i beat j, 0 if j beat i, 0.5 for a tie (scored as half a win each).
+
+    Scale: Elo-like, rating = 400·log10(strength) with mean 0, so P(i beats j) =
+    1 / (1 + 10^(−(R_i − R_j)/400)); 100 points ≈ 64% wins. The weak L2 prior `l2` on the
+    natural-log strengths keeps ratings finite when a model never wins or never loses.
+    """
+    comparisons = np.asarray(comparisons, dtype=np.float64).reshape(-1, 3)
+    return _fit_points(_points(comparisons, n_models), iters, l2)
+
+
+def bradley_terry_ci(comparisons, n_models: int, groups=None, n_boot: int = 500,
+                     level: float = 0.95, seed: int = 0, **kw) -> dict:
+    """Bradley–Terry ratings with percentile bootstrap intervals over comparisons (or over whole
+    groups of them): {"ratings": [...], "ci95": [[lo, hi], ...]}; `kw` go to `bradley_terry`."""
+    comparisons = np.asarray(comparisons, dtype=np.float64).reshape(-1, 3)
+    rng = np.random.default_rng(seed)
+    boots = [bradley_terry(comparisons[idx], n_models, **kw)
+             for idx in _resamples(len(comparisons), groups, n_boot, rng)]
+    lo, hi = _interval(boots, level)
+    ratings = bradley_terry(comparisons, n_models, **kw)
+    return {"ratings": ratings.tolist(), "ci95": np.stack([lo, hi], 1).tolist()}
+
+
+def fleiss_kappa(table) -> float:
+    """Fleiss' kappa from `table[i, k]` = raters putting item i in category k, the same number
+    of raters per item. 1 is perfect agreement, 0 chance level; nan when every rating falls in
+    one category (chance agreement is then 1 and kappa undefined)."""
+    table = np.asarray(table, dtype=np.float64)
+    n = table.sum(1)
+    if not np.all(n == n[0]) or n[0] < 2:
+        raise ValueError("fleiss_kappa needs the same number (>= 2) of raters per item")
+    n = n[0]
+    p_item = ((table**2).sum(1) - n) / (n * (n - 1))  # agreeing rater pairs per item
+    p_cat = table.sum(0) / table.sum()
+    p_bar, p_e = p_item.mean(), (p_cat**2).sum()
+    return float((p_bar - p_e) / (1 - p_e)) if p_e < 1 else float("nan")
+
+
+def krippendorff_alpha_nominal(ratings) -> float:
+    """Krippendorff's alpha, nominal distance, from an (n_raters, n_items) array with np.nan for
+    missing ratings. alpha = 1 − D_o / D_e from the coincidence matrix (Krippendorff 2011);
+    items with fewer than two ratings are dropped. nan when only one value is ever used."""
+    ratings = np.asarray(ratings, dtype=np.float64)
+    values = np.unique(ratings[~np.isnan(ratings)])
+    counts = (ratings[:, :, None] == values).sum(0)  # (items, values): n_uc
+    m = counts.sum(1)
+    counts, m = counts[m >= 2], m[m >= 2]
+    n_c = counts.sum(0)
+    n = n_c.sum()
+    # ordered pairs of ratings within an item that disagree, each item weighted 1 / (m_u − 1)
+    observed = ((m**2 - (counts**2).sum(1)) / (m - 1)).sum()
+    expected = (n**2 - (n_c**2).sum()) / (n - 1)  # the same count for pairs drawn from all values
+    return float(1 - observed / expected) if expected > 0 else float("nan")

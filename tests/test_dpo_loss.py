@@ -1,0 +1,101 @@
+"""Diffusion-DPO loss: hand-computed values, log 2 at a zero LoRA, symmetry, only LoRA moves."""
+
+import math
+
+import pytest
+import torch
+
+from align.loss import dpo_loss
+from align.lora import add_lora
+from base_model.flow import flow_loss
+from base_model.mmdit import MMDiT, preset
+from tests.conftest import randomize
+
+POLICY = torch.tensor([0.30, 0.50, 0.40, 0.20])  # [w1, w2; l1, l2]
+REF = torch.tensor([0.35, 0.45, 0.38, 0.25])
+
+
+def hand_inside(beta):
+    # pair 1: (0.30-0.35) - (0.40-0.38) = -0.07;  pair 2: (0.50-0.45) - (0.20-0.25) = 0.10
+    return torch.tensor([-beta / 2 * -0.07, -beta / 2 * 0.10])
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
+def test_loss_matches_hand_computation(loss_type):
+    beta = 10.0
+    inside = hand_inside(beta)  # [0.35, -0.5]
+    expected = {
+        "sigmoid": sum(math.log(1 + math.exp(-v)) for v in inside.tolist()) / 2,
+        "hinge": sum(max(0.0, 1 - v) for v in inside.tolist()) / 2,
+        "ipo": sum((v / beta - 1 / (2 * beta)) ** 2 for v in inside.tolist()) / 2,
+    }[loss_type]
+    loss, m = dpo_loss(POLICY, REF, beta, loss_type)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert m["rewards/accuracies"].item() == 0.5
+    assert m["rewards/margins"].item() == pytest.approx(inside.mean().item(), rel=1e-5)
+    assert m["rewards/chosen"].item() == pytest.approx(-beta / 2 * ((0.30 - 0.35) + (0.50 - 0.45)) / 2, abs=1e-6)
+
+
+def test_sft_term_and_sft_mode():
+    base, _ = dpo_loss(POLICY, REF, 10.0)
+    with_sft, _ = dpo_loss(POLICY, REF, 10.0, sft_weight=3.0)
+    assert (with_sft - base).item() == pytest.approx(3.0 * 0.40, rel=1e-5)  # mean of the winners' errors
+    sft, m = dpo_loss(POLICY, None, 10.0, "sft")
+    assert sft.item() == pytest.approx(0.40, rel=1e-6) and "rewards/margins" not in m
+
+
+def test_swapping_winner_and_loser_flips_the_margin():
+    _, m = dpo_loss(POLICY, REF, 10.0)
+    swapped = lambda x: torch.cat(x.chunk(2)[::-1])  # noqa: E731
+    _, s = dpo_loss(swapped(POLICY), swapped(REF), 10.0)
+    assert s["rewards/margins"].item() == pytest.approx(-m["rewards/margins"].item(), rel=1e-6)
+    assert m["rewards/margins"].item() != 0
+
+
+def test_bad_shapes_and_types_are_named():
+    with pytest.raises(ValueError, match="loss_type"):
+        dpo_loss(POLICY, REF, 1.0, "kto")
+    with pytest.raises(ValueError, match="2B"):
+        dpo_loss(POLICY[:3], REF[:3], 1.0)
+
+
+def lora_toy():
+    base = randomize(MMDiT(preset("toy", depth=2, hidden=32, heads=2)))
+    return add_lora(base.requires_grad_(False), r=4, alpha=4)
+
+
+def pair_batch(B=4):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2 * B, 3, 32, 32, generator=g)
+    noise, t = torch.randn(B, 3, 32, 32, generator=g).repeat(2, 1, 1, 1), torch.rand(B, generator=g).repeat(2)
+    ctx, pooled = torch.randn(B, 5, 384, generator=g).repeat(2, 1, 1), torch.randn(B, 384, generator=g).repeat(2, 1)
+    return x, noise, t, ctx, pooled
+
+
+def test_zero_lora_gives_log2_and_half_accuracy():
+    model = lora_toy()
+    batch = pair_batch()
+    with torch.no_grad(), model.disable_adapter():
+        ref = flow_loss(model, *batch)
+    policy = flow_loss(model, *batch)
+    loss, m = dpo_loss(policy, ref, 5000.0)
+    assert loss.item() == torch.tensor(math.log(2)).item()  # exactly log 2 in float32
+    assert m["rewards/margins"].item() == 0.0
+    assert m["rewards/accuracies"].item() == 0.5
+
+
+def test_a_step_moves_only_lora_parameters():
+    model = lora_toy()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = pair_batch()
+    for _ in range(2):  # B starts at 0, so the first step moves only B; the second moves A too
+        with torch.no_grad(), model.disable_adapter():
+            ref = flow_loss(model, *batch)
+        loss, _ = dpo_loss(flow_loss(model, *batch), ref, 100.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all("lora_" in n for n in moved)
+    assert {n for n in moved if "lora_A" in n} and {n for n in moved if "lora_B" in n}
