@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The pipeline on the built-in shapes world: pretrain the toy MM-DiT, then score it on held-out prompts.
+# The whole pipeline on the built-in shapes world (configs/demo/): pretrain → on-policy pairs →
+# DPO with LoRA (and the SFT control) → evaluation → runs/demo/report.html and a printed summary.
 demo: $(STAMP)
-	$(PY) -m base_model.pretrain --config configs/pretrain/toy.yaml --output_dir runs/demo/pretrain
-	$(PY) -m reward.score_checkpoint --checkpoint runs/demo/pretrain/final --split heldout_prompts --n 300
+	OMP_NUM_THREADS=2 $(PY) -m align.demo
 
 test: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q

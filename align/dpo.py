@@ -26,25 +26,22 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
 from transformers import SchedulerType, get_scheduler
 
-from base_model.adapters import BASE_RECORD, weights_sha256
+from base_model.adapters import BASE_RECORD, load, weights_sha256
 from base_model.cli import check_types, parse
 from base_model.data import to_model_space
 from base_model.flow import DENSITIES, flow_loss, sample_t
-from base_model.mmdit import MMDiT
 from base_model.pretrain import (DataOrder, _append_log, cpu_process_group, latest_checkpoint, step_generator)
-from base_model.sample import load_conditioning
-from base_model.sampling import sample
 from base_model.shapes import save_grid
 
 from .loss import LOSS_TYPES, dpo_loss
 from .lora import DEFAULT_TARGETS, REF, add_lora, freeze_reference, quantize_base
-from .pairs import Pairs, load_pairs, on_policy_pairs, prompts_from
+from .pairs import Pairs, load_pairs, on_policy_pairs, prompts_from, write_pairs
 
 
 @dataclass
@@ -218,13 +215,15 @@ def main(cfg: DPOConfig):
     from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
 
-    from base_model.text import TextEmbedder
-    from base_model.vae import image_space
 
     if not cfg.base or not cfg.pairs:
         raise ValueError("--base CHECKPOINT and --pairs DIR are required")
-    cond = load_conditioning(cfg.base)
-    text, vae = TextEmbedder(cond["text_encoders"]), image_space(cond["image_space"])
+    if "+" in cfg.base:
+        raise ValueError("--base must be a checkpoint or an SD3 folder; merge an adapter first "
+                         "(python -m base_model.adapters merge)")
+    # Frozen text encoders and VAE load before the Accelerator (ZeRO-3 would partition them).
+    gen = load(cfg.base)
+    text, vae, model = gen.text, gen.space, gen.model.train()
     if cfg.report_to == "wandb" and not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -237,8 +236,7 @@ def main(cfg: DPOConfig):
     os.makedirs(cfg.output_dir, exist_ok=True)
 
     base_sha = weights_sha256(cfg.base)
-    model = MMDiT.from_pretrained(cfg.base)
-    resolution = cond.get("resolution", model.config.sample_size * vae.downsample)
+    resolution = gen.resolution
     pairs = load_pairs(cfg.pairs, resolution)
     accelerator.print(f"{len(pairs)} pairs from {cfg.pairs}; dropped {pairs.dropped}")
     if cfg.base_quantization != "none":
@@ -246,6 +244,7 @@ def main(cfg: DPOConfig):
     model.requires_grad_(False)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     peft_model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules, cfg.lora_dropout)
+    policy = replace(gen, model=peft_model)  # samples grids and online pairs from the current policy
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     accelerator.print(f"LoRA r={cfg.lora_r}: {trainable / 1e3:.1f}k trainable parameters of "
                       f"{sum(p.numel() for p in peft_model.parameters()) / 1e6:.2f}M")
@@ -284,7 +283,7 @@ def main(cfg: DPOConfig):
     prompts = [c for c in dict.fromkeys(pairs.captions)][:cfg.num_samples]
     grid_cond = text.encode(prompts)
     if start == 0:
-        sample_grid(peft_model, grid_cond, cfg, accelerator, 0, vae)
+        sample_grid(policy, grid_cond, cfg, accelerator, 0)
     steps_per_round = cfg.max_steps // cfg.rounds
     history, last_ckpt, t0 = [], resume or None, time.time()
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="dpo",
@@ -297,7 +296,7 @@ def main(cfg: DPOConfig):
                 round_ = r
                 if cfg.ref_update == "policy":
                     freeze_reference(peft_model)
-                pairs = round_pairs(peft_model, text, cfg, round_, accelerator, gather_object)
+                pairs = round_pairs(policy, cfg, round_, accelerator, gather_object)
                 accelerator.print(f"round {round_ + 1}: {len(pairs)} on-policy pairs")
             elif round_ > 0:  # resumed inside an online round: its pairs are on disk
                 pairs = load_pairs(os.path.join(cfg.output_dir, f"round-{round_ + 1}", "pairs"), resolution)
@@ -317,8 +316,8 @@ def main(cfg: DPOConfig):
                 chosen=data["chosen"][idx], rejected=data["rejected"][idx], noise=noise, t=t,
                 context=data["context"][ids], pooled=data["pooled"][ids]).items()}
             with accelerator.accumulate(model):
-                policy, ref = dpo_step_losses(model, peft_model, batch, cfg, round_)
-                loss, metrics = dpo_loss(policy, ref, cfg.beta, cfg.loss_type, cfg.sft_weight)
+                pol_err, ref_err = dpo_step_losses(model, peft_model, batch, cfg, round_)
+                loss, metrics = dpo_loss(pol_err, ref_err, cfg.beta, cfg.loss_type, cfg.sft_weight)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and accelerator.state.deepspeed_plugin is None:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -344,7 +343,7 @@ def main(cfg: DPOConfig):
             _append_log(cfg.output_dir, accelerator, {"step": done, "round": round_ + 1, **logs})
             history, t0 = [], time.time()
         if done % cfg.eval_steps == 0 or done == cfg.max_steps:
-            sample_grid(peft_model, grid_cond, cfg, accelerator, done, vae)
+            sample_grid(policy, grid_cond, cfg, accelerator, done)
         if done % cfg.save_steps == 0 or done == cfg.max_steps:
             last_ckpt = save_checkpoint(accelerator, peft_model, cfg.output_dir, done, round_, cfg.save_total_limit)
 
@@ -369,48 +368,37 @@ def _load_reference(peft_model, path: str):
     peft_model.set_adapter("default")
 
 
-def round_pairs(peft_model, text, cfg: DPOConfig, round_: int, accelerator, gather_object) -> Pairs:
+def round_pairs(policy, cfg: DPOConfig, round_: int, accelerator, gather_object) -> Pairs:
     """On-policy pairs from the current policy: each process samples its share of the prompts;
     the rows are gathered, written to `output_dir/round-R/pairs` and loaded back."""
     prompts = prompts_from(cfg.round_prompts, cfg.round_n_prompts, seed_offset=round_ * cfg.round_n_prompts)
     mine = prompts[accelerator.process_index::accelerator.num_processes]
-    peft_model.eval()
-    with torch.no_grad():
-        rows, info = on_policy_pairs(peft_model, text, mine, cfg.round_k, cfg.reward, cfg.pair_rule,
-                                     cfg.pair_threshold, 0.0, cfg.max_pairs_per_prompt, cfg.sample_steps,
-                                     cfg.guidance, seed=10_000_000 * (round_ + 1) + accelerator.process_index,
-                                     model_name=f"round-{round_}")
+    policy.model.eval()
+    rows, info = on_policy_pairs(policy, mine, cfg.round_k, cfg.reward, cfg.pair_rule, cfg.pair_threshold, 0.0,
+                                 cfg.max_pairs_per_prompt, cfg.sample_steps, cfg.guidance,
+                                 seed=10_000_000 * (round_ + 1) + 1_000_000 * accelerator.process_index,
+                                 model_name=f"round-{round_}")
+    policy.model.train()
     rows = gather_object(rows)
     path = os.path.join(cfg.output_dir, f"round-{round_ + 1}", "pairs")
     if accelerator.is_main_process:
-        from .pairs import write_pairs
-
         if not rows:
             raise RuntimeError(f"round {round_ + 1}: no prompt gave a winner and a loser ({info['summary']})")
         write_pairs(rows, path, {"summary": {**info["summary"], "pairs": len(rows)}})
     accelerator.wait_for_everyone()
-    return load_pairs(path, pairs_resolution(rows))
+    return load_pairs(path, policy.resolution)
 
 
-def pairs_resolution(rows) -> int:
-    from base_model.data import _decode
-
-    return _decode(rows[0]["jpg_0"]).size[0]
-
-
-@torch.no_grad()
-def sample_grid(peft_model, grid_cond, cfg: DPOConfig, accelerator, step: int, vae):
+def sample_grid(policy, grid_cond, cfg: DPOConfig, accelerator, step: int):
     """Fixed prompts and seeds, so grids before and during training compare image for image."""
     if not accelerator.is_main_process:
         return
-    net = peft_model.eval()
-    context, pooled = grid_cond
-    c = net.base_model.model.config
-    z = sample(net, context, pooled, list(range(len(context))), (c.in_channels, c.sample_size, c.sample_size),
-               steps=cfg.sample_steps, guidance=cfg.guidance, progress=False)
+    policy.model.eval()
+    images = policy.generate(None, range(len(grid_cond[0])), cfg.sample_steps, cfg.guidance, progress=False,
+                             context=grid_cond)
     os.makedirs(os.path.join(cfg.output_dir, "samples"), exist_ok=True)
-    save_grid(vae.decode(z).clamp(-1, 1), os.path.join(cfg.output_dir, "samples", f"step-{step:06d}.png"))
-    net.train()
+    save_grid(images, os.path.join(cfg.output_dir, "samples", f"step-{step:06d}.png"))
+    policy.model.train()
 
 
 if __name__ == "__main__":

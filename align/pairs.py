@@ -13,21 +13,15 @@ One format for every pair: a `datasets.Dataset` with Pick-a-Pic's columns (`capt
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
 
 from base_model.data import _decode, _open_dataset, resize_center_crop
-
-REQUIRED = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
-OPTIONAL = {"model_0": "", "model_1": "", "user_id": 0, "ranking_id": 0, "image_0_uid": "", "image_1_uid": "",
-            "best_image_uid": "", "has_label": True, "are_different": True}
-
+from base_model.pickapic import REQUIRED, encode_png, pairs_dataset, write_pairs  # noqa: F401 (re-exported)
 
 @dataclass
 class Pairs:
@@ -39,21 +33,6 @@ class Pairs:
 
     def __len__(self):
         return len(self.captions)
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def pairs_dataset(rows: list[dict]):
-    """A Pick-a-Pic-schema `datasets.Dataset` from dicts holding at least REQUIRED; absent optional
-    columns get neutral values (has_label and are_different True)."""
-    import datasets
-
-    columns = list(REQUIRED) + list(OPTIONAL) + sorted({k for r in rows for k in r} - set(REQUIRED) - set(OPTIONAL))
-    return datasets.Dataset.from_dict({c: [r.get(c, OPTIONAL.get(c)) for r in rows] for c in columns})
 
 
 def _open(path: str):
@@ -154,23 +133,20 @@ def prompts_from(spec: str, n: int, seed_offset: int = 0) -> list[str]:
     return lines[:n] if n else lines
 
 
-def on_policy_pairs(model, text, prompts: list[str], k: int, reward: str, rule: str = "threshold",
+def on_policy_pairs(gen, prompts: list[str], k: int, reward: str, rule: str = "threshold",
                     threshold: float = 1.0, margin: float = 0.0, max_pairs: int = 3, steps: int = 20,
-                    guidance: float = 4.0, shift: float = 1.0, seed: int = 0, model_name: str = "policy",
+                    guidance: float = 4.0, seed: int = 0, model_name: str = "policy",
                     batch_size: int = 256) -> tuple[list[dict], dict]:
-    """Sample K images per prompt (seed = seed + prompt·K + j, recorded), score them, pick pairs.
-    Returns (Pick-a-Pic rows, summary)."""
-    from base_model.sampling import sample
+    """Sample K images per prompt from `gen` (a `base_model.adapters.Loaded`; seed = seed + prompt·K + j,
+    recorded), score them, pick pairs. Returns (Pick-a-Pic rows, {"summary", "scores", "seeds"})."""
     from base_model.shapes import to_uint8
     from reward.scorers import get_scorer
 
     score_fn = get_scorer(reward)
-    context, pooled = text.encode(prompts)
+    context, pooled = gen.text.encode(prompts)
     rep = torch.arange(len(prompts)).repeat_interleave(k)
     seeds = [seed + i for i in range(len(prompts) * k)]
-    cfg = model.config
-    images = sample(model, context[rep], pooled[rep], seeds, (cfg.in_channels, cfg.sample_size, cfg.sample_size),
-                    steps=steps, shift=shift, guidance=guidance, batch_size=batch_size).clamp(-1, 1)
+    images = gen.generate(None, seeds, steps, guidance, batch_size=batch_size, context=(context[rep], pooled[rep]))
     scores = score_fn(images, [prompts[i] for i in rep.tolist()]).view(len(prompts), k)
     rows = []
     for p, caption in enumerate(prompts):
@@ -188,9 +164,8 @@ def on_policy_pairs(model, text, prompts: list[str], k: int, reward: str, rule: 
 
 
 def main(argv=None):
-    from base_model.adapters import conditioning_dir, load_model
-    from base_model.sample import load_conditioning
-    from base_model.text import TextEmbedder
+    from base_model.adapters import load
+    from base_model.cli import parse_with_config
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True, help="checkpoint, or CHECKPOINT+ADAPTER")
@@ -207,31 +182,17 @@ def main(argv=None):
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=1_000_000)
     ap.add_argument("--output", required=True)
-    args = ap.parse_args(argv)
+    args = parse_with_config(ap, argv)
 
-    cond = load_conditioning(conditioning_dir(args.base))
-    model = load_model(args.base).eval()
+    gen = load(args.base)
     prompts = prompts_from(args.prompts, args.n_prompts, args.prompt_offset)
-    rows, info = on_policy_pairs(model, TextEmbedder(cond["text_encoders"]), prompts, args.k, args.reward,
+    rows, info = on_policy_pairs(gen, prompts, args.k, args.reward,
                                  args.rule, args.threshold, args.margin, args.max_pairs_per_prompt,
                                  args.steps, args.guidance, seed=args.seed, model_name=args.base)
     if not rows:
         raise SystemExit(f"no pair met the rule {args.rule!r}: {info['summary']}")
     write_pairs(rows, args.output, {**info, "args": vars(args)})
     print(json.dumps(info["summary"]))
-
-
-def write_pairs(rows: list[dict], output: str, info: dict) -> None:
-    """save_to_disk into a temporary folder, then rename: a kill never leaves half a dataset."""
-    import shutil
-
-    tmp = output.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pairs_dataset(rows).save_to_disk(tmp)
-    with open(os.path.join(tmp, "pairs_info.json"), "w") as f:
-        json.dump(info, f)
-    shutil.rmtree(output, ignore_errors=True)
-    os.replace(tmp, output)
 
 
 if __name__ == "__main__":

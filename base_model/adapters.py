@@ -1,6 +1,7 @@
 """Loading a model as a spec: a checkpoint, or a checkpoint plus a LoRA adapter (PEFT format).
 
     "runs/toy/final"                    an MMDiT checkpoint (config.json + model.safetensors)
+    "/models/sd3-medium"                a diffusers SD3 / SD3.5 folder (`base_model/sd3.py`)
     "runs/toy/final+runs/dpo/final"     that checkpoint with an adapter applied (merged for speed)
     "runs/dpo/final"                    an adapter folder alone: its base is the one it records
 
@@ -19,17 +20,27 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
+
+import torch
 
 from .mmdit import MMDiT
+from .sd3 import is_sd3_folder
 
 BASE_RECORD = "flowalign_base.json"
 
 
 def weights_sha256(checkpoint: str) -> str:
+    """SHA-256 of the transformer's weights: model.safetensors, or an SD3 folder's transformer/ shards."""
+    files = [os.path.join(checkpoint, "model.safetensors")]
+    if is_sd3_folder(checkpoint):
+        folder = os.path.join(checkpoint, "transformer")
+        files = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".safetensors"))
     h = hashlib.sha256()
-    with open(os.path.join(checkpoint, "model.safetensors"), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for path in files:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -42,8 +53,9 @@ def split_spec(spec: str) -> tuple[str, str | None]:
     base, _, adapter = spec.partition("+")
     if not adapter and is_adapter(base):
         base, adapter = read_base_record(base)["base"], base
-    if not os.path.isfile(os.path.join(base, "config.json")):
-        raise FileNotFoundError(f"model spec {spec!r}: {base!r} is not an MMDiT checkpoint (no config.json)")
+    if not os.path.isfile(os.path.join(base, "config.json")) and not is_sd3_folder(base):
+        raise FileNotFoundError(f"model spec {spec!r}: {base!r} is neither an MMDiT checkpoint (no config.json) "
+                                "nor a diffusers SD3 folder (model_index.json + transformer/)")
     if adapter and not is_adapter(adapter):
         raise FileNotFoundError(f"model spec {spec!r}: {adapter!r} is not a PEFT adapter folder "
                                 "(expected adapter_config.json and adapter_model.safetensors)")
@@ -63,11 +75,19 @@ def conditioning_dir(spec: str) -> str:
     return split_spec(spec)[0]
 
 
-def load_model(spec: str, device="cpu", merge: bool = True) -> MMDiT:
+def load_model(spec: str, device="cpu", merge: bool = True) -> torch.nn.Module:
     """An MMDiT from a spec (see the module doc). With an adapter, the base's hash must match the
     adapter's record; the adapter is merged into the weights unless `merge=False` (then a PeftModel)."""
     base, adapter = split_spec(spec)
-    model = MMDiT.from_pretrained(base, device=device)
+    if is_sd3_folder(base):
+        from .sd3 import load_sd3
+        model = load_sd3(base, device=device)[0]
+    else:
+        model = MMDiT.from_pretrained(base, device=device)
+    return apply_adapter(model, base, adapter, merge)
+
+
+def apply_adapter(model, base: str, adapter: str | None, merge: bool = True):
     if adapter is None:
         return model
     record_path = os.path.join(adapter, BASE_RECORD)
@@ -80,6 +100,68 @@ def load_model(spec: str, device="cpu", merge: bool = True) -> MMDiT:
 
     peft_model = PeftModel.from_pretrained(model, adapter)
     return peft_model.merge_and_unload() if merge else peft_model
+
+
+@dataclass
+class Loaded:
+    """Everything needed to generate from a spec: the network, its text conditioning, its image
+    space, and how it samples (the shift, and the unconditional branch of CFG: None means zeroed
+    text, as flowalign's own models are trained; SD3 uses the encoded empty prompt)."""
+    model: torch.nn.Module
+    text: object  # TextEmbedder (or SD3TextEncoder)
+    space: object  # ImageSpace
+    shift: float
+    uncond: tuple | None
+    image_space: str  # "pixels", "vae:PATH" or "sd3"
+    conditioning: dict  # what a checkpoint trained from this one records in conditioning.json
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c = self.model.config  # a PeftModel forwards .config to the MMDiT
+        return (c.in_channels, c.sample_size, c.sample_size)
+
+    @property
+    def resolution(self) -> int:
+        return self.model.config.sample_size * self.space.downsample
+
+    def generate(self, captions, seeds, steps: int = 20, guidance: float = 4.0, shift: float | None = None,
+                 batch_size: int = 64, progress: bool = True, context=None) -> torch.Tensor:
+        """Images (N, 3, H, W) in [-1, 1], one per (caption, seed)."""
+        from .sampling import sample
+
+        context, pooled = context if context is not None else self.text.encode(list(captions))
+        z = sample(self.model, context, pooled, list(seeds), self.image_shape, steps=steps,
+                   shift=self.shift if shift is None else shift, guidance=guidance, uncond=self.uncond,
+                   batch_size=batch_size, progress=progress)
+        return self.space.decode(z).clamp(-1, 1)
+
+
+def load(spec: str, merge: bool = True, sample_shift: float = 1.0) -> Loaded:
+    """Model + text encoders + image space of a spec (checkpoint, +adapter, or SD3 folder).
+    Checkpoints of ours sample with `sample_shift`; SD3 folders with their scheduler's shift."""
+    from .sample import load_conditioning
+    from .text import TextEmbedder
+    from .vae import image_space
+
+    base, adapter = split_spec(spec)
+    if is_sd3_folder(base):
+        from .sd3 import load_sd3
+
+        model, text, space, info = load_sd3(base)
+        model = apply_adapter(model, base, adapter, merge).eval()
+        return Loaded(model, text, space, info["shift"], text.encode([""]), "sd3",
+                      {"sd3": os.path.abspath(base), "image_space": "sd3", "resolution": info["resolution"]})
+    cond = load_conditioning(base)
+    model = apply_adapter(MMDiT.from_pretrained(base), base, adapter, merge).eval()
+    if "sd3" in cond:  # pretraining continued from SD3 weights: SD3's text encoders, VAE and schedule
+        from .sd3 import SD3TextEncoder, scheduler_shift
+        from .vae import LatentSpace
+
+        text = SD3TextEncoder(cond["sd3"])
+        return Loaded(model, text, LatentSpace(os.path.join(cond["sd3"], "vae")), scheduler_shift(cond["sd3"]),
+                      text.encode([""]), "sd3", cond)
+    return Loaded(model, TextEmbedder(cond["text_encoders"]), image_space(cond["image_space"]), sample_shift,
+                  None, cond["image_space"], cond)
 
 
 def merge(spec: str, output: str) -> str:

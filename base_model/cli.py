@@ -44,3 +44,35 @@ def parse(config_cls, argv=None):
 
     (cfg,) = TrlParser((config_cls,)).parse_args_and_config(argv)
     return cfg
+
+
+def parse_with_config(ap, argv=None):
+    """argparse with `--config file.yaml` for the stages whose flags are not a dataclass (pairs,
+    eval): YAML keys become defaults, flags override them; an unknown key raises, naming it."""
+    import argparse
+
+    import yaml
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    ap.add_argument("--config", default=None, help="YAML file of flag values; flags given here override it")
+    if known.config:
+        with open(known.config) as f:
+            values = yaml.safe_load(f) or {}
+        dests = {a.dest: a for a in ap._actions}
+        unknown = sorted(set(values) - set(dests))
+        if unknown:
+            raise ValueError(f"{known.config}: unknown key(s) {unknown}")
+        for key, value in values.items():  # YAML values take the flag's type, as on the command line
+            action = dests[key]
+            if action.type is not None and value is not None:
+                value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
+            dests[key].required = False
+            ap.set_defaults(**{key: value})
+    args = ap.parse_args(rest if known.config else argv)
+    if known.config and isinstance(getattr(args, "model", None), list):  # --model given on the CLI replaces YAML's
+        yaml_models = ap.get_default("model") or []
+        if len(args.model) > len(yaml_models) and args.model[:len(yaml_models)] == yaml_models:
+            args.model = args.model[len(yaml_models):]
+    return args

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import SchedulerType, get_scheduler
 
+from .adapters import load
 from .cli import check_types, parse
 from .data import ImageCaptions, load_image_captions, shapes_data, to_model_space
 from .flow import DENSITIES, flow_loss, sample_t, validation_loss
@@ -43,6 +44,8 @@ class PretrainConfig:
     num_val: int = 256  # shapes world: validation scenes (fixed set for the validation loss)
     # model and conditioning
     model_preset: str = "toy"  # MMDiT preset; context and pooled widths come from the text encoders
+    init_from: str = ""  # continue from a checkpoint, CHECKPOINT+ADAPTER or a diffusers SD3 folder (its
+    #                      text encoders and image space then replace text_encoders / image_space)
     text_encoders: list[str] = field(default_factory=lambda: ["minilm"])  # "minilm", "clip:PATH", "t5:PATH"
     image_space: str = "pixels"  # "pixels", or "vae:PATH" for a local diffusers AutoencoderKL folder
     text_drop_prob: float = 0.464  # each encoder dropped independently (SD3's value for 3 encoders)
@@ -240,7 +243,11 @@ def main(cfg: PretrainConfig):
     B, accum, seed = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.seed
     # Frozen encoders are loaded before the Accelerator exists: under ZeRO-3 it would make
     # transformers partition their weights at load (zero.Init), and they are not trained.
-    text, vae = TextEmbedder(cfg.text_encoders), image_space(cfg.image_space)
+    init = load(cfg.init_from) if cfg.init_from else None
+    if init is not None:
+        text, vae, uncond = init.text, init.space, init.uncond
+    else:
+        text, vae, uncond = TextEmbedder(cfg.text_encoders), image_space(cfg.image_space), None
     if cfg.report_to == "wandb" and not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")
     accelerator = Accelerator(gradient_accumulation_steps=accum, mixed_precision=cfg.mixed_precision,
@@ -256,9 +263,11 @@ def main(cfg: PretrainConfig):
         accelerator.print(f"skipped {train.skipped} undecodable images")
     enc = encode_all(text, vae, train, val, prompts)
     x_train = enc["x_train"]
-    model_cfg = preset(cfg.model_preset, in_channels=vae.channels, context_dim=text.context_dim,
-                       pooled_dim=text.pooled_dim, sample_size=cfg.resolution // vae.downsample)
-    model = MMDiT(model_cfg)
+    if init is not None:
+        model = init.model.train().requires_grad_(True)
+    else:
+        model = MMDiT(preset(cfg.model_preset, in_channels=vae.channels, context_dim=text.context_dim,
+                             pooled_dim=text.pooled_dim, sample_size=cfg.resolution // vae.downsample))
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
     accelerator.print(f"MMDiT {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                       f"{len(train)} training images, {len(enc['context'])} distinct captions, {world} process(es)")
@@ -310,7 +319,7 @@ def main(cfg: PretrainConfig):
             noise = torch.randn((micro_global, *x_train.shape[1:]), generator=gen)[mine]
             drop = torch.rand(micro_global, len(text.layout), generator=gen)[mine] < cfg.text_drop_prob
             ids = enc["train_ids"][idx]
-            context, pooled = zero_parts(enc["context"][ids], enc["pooled"][ids], text.layout, drop)
+            context, pooled = zero_parts(enc["context"][ids], enc["pooled"][ids], text.layout, drop, uncond)
             dev = accelerator.device
             x0, noise, t, context, pooled = (v.to(dev) for v in (x_train[idx], noise, t, context, pooled))
             with accelerator.accumulate(model):
@@ -338,16 +347,18 @@ def main(cfg: PretrainConfig):
             _append_log(cfg.output_dir, accelerator, {"step": done, **logs})
             history, t0 = [], time.time()
         if done % cfg.eval_steps == 0 or done == cfg.max_steps:
-            evaluate(model, ema, enc, prompts, cfg, accelerator, done)
+            evaluate(model, ema, enc, prompts, cfg, accelerator, done, vae, uncond)
         if done % cfg.save_steps == 0 or done == cfg.max_steps:
             last_ckpt = save_checkpoint(accelerator, cfg.output_dir, done, ema, cfg.save_total_limit)
 
-    save_final(model, ema, accelerator, os.path.join(cfg.output_dir, "final"),
-               {"text_encoders": cfg.text_encoders, "image_space": cfg.image_space, "resolution": cfg.resolution})
+    conditioning = {"text_encoders": cfg.text_encoders, "image_space": cfg.image_space, "resolution": cfg.resolution}
+    if init is not None:
+        conditioning = init.conditioning
+    save_final(model, ema, accelerator, os.path.join(cfg.output_dir, "final"), conditioning)
     accelerator.end_training()
 
 
-def evaluate(model, ema, enc, prompts, cfg, accelerator, step):
+def evaluate(model, ema, enc, prompts, cfg, accelerator, step, vae, uncond=None):
     """Validation loss at 8 t levels (fixed set and noise) and a grid from the EMA weights."""
     model.eval()
     ids = enc["val_ids"]
@@ -361,9 +372,10 @@ def evaluate(model, ema, enc, prompts, cfg, accelerator, step):
         net = ema if ema is not None else accelerator.unwrap_model(model)
         p = enc["prompt_ids"]
         images = sample(net.eval(), enc["context"][p], enc["pooled"][p], list(range(len(p))),
-                        enc["x_val"].shape[1:], steps=cfg.sample_steps, guidance=cfg.guidance, progress=False)
+                        enc["x_val"].shape[1:], steps=cfg.sample_steps, guidance=cfg.guidance, uncond=uncond,
+                        progress=False)
         os.makedirs(os.path.join(cfg.output_dir, "samples"), exist_ok=True)
-        save_grid(images.clamp(-1, 1), os.path.join(cfg.output_dir, "samples", f"step-{step:06d}.png"))
+        save_grid(vae.decode(images).clamp(-1, 1), os.path.join(cfg.output_dir, "samples", f"step-{step:06d}.png"))
     model.train()
 
 

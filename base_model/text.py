@@ -189,16 +189,21 @@ class TextEmbedder:
 # ---------------------------------------------------------------------------------------------
 
 
-def zero_parts(context, pooled, layout: Sequence[Part], drop: torch.Tensor):
+def zero_parts(context, pooled, layout: Sequence[Part], drop: torch.Tensor, fill: tuple | None = None):
     """drop (N, E) bool: zero encoder e's sequence slice and pooled slice where drop[n, e]. Public
-    so a caller can draw `drop` itself (e.g. one draw per global batch, sliced per process)."""
+    so a caller can draw `drop` itself (e.g. one draw per global batch, sliced per process).
+    `fill` = (context (1, L, D), pooled (1, P)) puts those values there instead of zeros: SD3's
+    weights were trained with the encoded empty prompt as the dropped caption."""
     N = context.shape[0]
     seq_drop = torch.zeros(N, context.shape[1], dtype=torch.bool, device=context.device)
     pooled_drop = torch.zeros(N, pooled.shape[1], dtype=torch.bool, device=pooled.device)
     for e, part in enumerate(layout):
         seq_drop[:, slice(*part.seq)] = drop[:, e:e + 1]
         pooled_drop[:, slice(*part.pooled)] = drop[:, e:e + 1]
-    return context.masked_fill(seq_drop[..., None], 0.0), pooled.masked_fill(pooled_drop, 0.0)
+    if fill is None:
+        return context.masked_fill(seq_drop[..., None], 0.0), pooled.masked_fill(pooled_drop, 0.0)
+    fc, fp = (f.to(context.device, context.dtype) for f in fill)
+    return torch.where(seq_drop[..., None], fc, context), torch.where(pooled_drop, fp, pooled)
 
 
 def drop_encoders(context, pooled, layout: Sequence[Part], p: float = 0.464,

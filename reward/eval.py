@@ -21,14 +21,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from base_model.adapters import conditioning_dir, load_model
+from base_model.adapters import load
+from base_model.cli import parse_with_config
 from base_model.data import shapes_data, to_model_space
 from base_model.flow import validation_loss
-from base_model.sample import load_conditioning
-from base_model.sampling import sample
 from base_model.shapes import SPLIT_OFFSETS, TASKS, make_split
-from base_model.text import TextEmbedder
-from base_model.vae import image_space
 
 from . import compositional, stats
 from .scorers import get_scorer
@@ -68,23 +65,18 @@ def read_prompts(spec: str, n: int):
 
 
 def generate(spec: str, captions: list[str], cfg: EvalConfig):
-    """Images (P·K, 3, H, W) in [-1, 1] and the 8-level validation loss of one model."""
-    cond = load_conditioning(conditioning_dir(spec))
-    model = load_model(spec).eval()
-    text, space = TextEmbedder(cond["text_encoders"]), image_space(cond["image_space"])
-    context, pooled = text.encode(captions)
+    """Images (P·K, 3, H, W) in [-1, 1] and the 8-level validation loss (pixel-space models) of one model."""
+    gen = load(spec, sample_shift=cfg.shift)
     k = cfg.n_per_prompt
+    context, pooled = gen.text.encode(captions)
     rep = torch.arange(len(captions)).repeat_interleave(k)
     seeds = [cfg.seed + i for i in range(len(captions) * k)]
-    c = model.config
-    z = sample(model, context[rep], pooled[rep], seeds, (c.in_channels, c.sample_size, c.sample_size),
-               steps=cfg.steps, shift=cfg.shift, guidance=cfg.guidance, batch_size=cfg.batch_size)
-    images = space.decode(z).clamp(-1, 1)
+    images = gen.generate(None, seeds, cfg.steps, cfg.guidance, batch_size=cfg.batch_size,
+                          context=(context[rep], pooled[rep]))
     val = None
-    if cfg.val_images and cond["image_space"] == "pixels":
-        data, _ = shapes_data("val", cfg.val_images, c.sample_size)
-        vc, vp = text.encode(data.captions)
-        val = validation_loss(model, to_model_space(data.images), (vc, vp), seed=cfg.seed)
+    if cfg.val_images and gen.image_space == "pixels":
+        data, _ = shapes_data("val", cfg.val_images, gen.model.config.sample_size)
+        val = validation_loss(gen.model, to_model_space(data.images), gen.text.encode(data.captions), seed=cfg.seed)
     return images, val
 
 
@@ -185,14 +177,14 @@ def main(argv=None):
     ap.add_argument("--report_prompts", type=int, default=48)
     ap.add_argument("--output_dir", default="runs/eval")
     ap.add_argument("--report_to", default="none", choices=["none", "wandb"])
-    args = ap.parse_args(argv)
+    args = parse_with_config(ap, argv)
     models = []
     for m in args.model:
         name, sep, spec = m.partition("=")
         if not sep or not name or not spec:
             raise ValueError(f"--model {m!r}: expected NAME=SPEC")
         models.append((name, spec))
-    cfg = EvalConfig(models=models, **{k: v for k, v in vars(args).items() if k != "model"})
+    cfg = EvalConfig(models=models, **{k: v for k, v in vars(args).items() if k not in ("model", "config")})
     out = evaluate(cfg)
     for line in summary_lines(out):
         print(line)

@@ -21,3 +21,19 @@ def randomize(model, std=0.05):
         for p in model.parameters():
             p.normal_(0, std)
     return model
+
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+
+
+@pytest.fixture
+def chromium():
+    """Debian's headless Chromium driven by Playwright (nothing downloaded); .ci/run installs it."""
+    if not os.path.isfile(CHROMIUM):
+        pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install -y chromium (.ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        yield browser
+        browser.close()

@@ -167,3 +167,55 @@ def test_mmdit_x_is_refused_clearly(tmp_path):
     with pytest.raises(ValueError, match="MMDiT-X.*not supported") as err:
         load_sd3(str(tmp_path))
     assert os.fspath(tmp_path) in str(err.value)
+
+
+def test_sd3_folder_runs_pretraining_continuation_dpo_and_eval(sd3_dir, tmp_path):
+    """--init_from / --base / --model take the SD3 folder: its transformer, text encoders, VAE and
+    schedule are used end to end (tiny sizes: 16-px images, 2 steps each)."""
+    import numpy as np
+    from accelerate.state import AcceleratorState, PartialState
+
+    from align import dpo
+    from align.pairs import encode_png, pairs_dataset
+    from base_model import pretrain
+    from base_model.adapters import load
+    from base_model.cli import parse
+    from reward import eval as reval
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (16, 16, 3), dtype=np.uint8) for _ in range(8)]
+    rows = [{"image": encode_png(im), "caption": PROMPTS[i % 2]} for i, im in enumerate(images)]
+    import datasets
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "data.parquet"))
+
+    def reset():
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
+
+    pretrain.main(parse(pretrain.PretrainConfig, [
+        "--init_from", sd3_dir, "--dataset", str(tmp_path / "data.parquet"), "--resolution", "16", "--num_val", "2",
+        "--max_steps", "2", "--per_device_train_batch_size", "2", "--eval_steps", "2", "--save_steps", "2",
+        "--num_samples", "2", "--sample_steps", "2", "--report_to", "none", "--output_dir", str(tmp_path / "pt")]))
+    reset()
+    cont = load(str(tmp_path / "pt" / "final"))
+    assert cont.image_space == "sd3" and cont.shift == 3.0 and cont.uncond is not None  # SD3's schedule and CFG
+    assert cont.generate(["a red square"], [0], steps=2, guidance=3.0, progress=False).shape == (1, 3, 16, 16)
+
+    pairs = [{"caption": PROMPTS[0], "jpg_0": encode_png(images[i]), "jpg_1": encode_png(images[i + 1]),
+              "label_0": 1.0, "label_1": 0.0} for i in range(0, 8, 2)]
+    pairs_dataset(pairs).to_parquet(str(tmp_path / "pairs.parquet"))
+    dpo.main(parse(dpo.DPOConfig, [
+        "--base", sd3_dir, "--pairs", str(tmp_path / "pairs.parquet"), "--max_steps", "2",
+        "--per_device_train_batch_size", "2", "--lora_r", "2", "--lora_alpha", "2", "--num_samples", "1",
+        "--sample_steps", "2", "--report_to", "none", "--output_dir", str(tmp_path / "dpo")]))
+    reset()
+    out = reval.main(["--model", f"sd3={sd3_dir}", "--model", f"dpo={sd3_dir}+{tmp_path / 'dpo' / 'final'}",
+                      "--prompts", str(_prompt_file(tmp_path)), "--n_per_prompt", "1", "--steps", "2",
+                      "--scorers", "compositional", "--output_dir", str(tmp_path / "eval")])
+    assert set(out["models"]) == {"sd3", "dpo"} and os.path.exists(tmp_path / "eval" / "report.html")
+
+
+def _prompt_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red square\na blue circle\n")
+    return path

@@ -1,0 +1,179 @@
+"""A study's life outside the server: create it (sample both models), invite annotators, export.
+
+Models are named on the command line; the first is A (the reference), the second B, and every win
+rate is B's over A. Both draw each item from the same prompt and the same seed.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections import Counter
+
+import numpy as np
+
+from . import db
+
+QUESTIONS = {  # key → the question an annotator answers; "overall" is the preference exported
+    "overall": "Which image do you prefer overall?",
+    "adherence": "Which image follows the prompt better?",
+    "quality": "Which image has the better visual quality?",
+}
+
+
+def read_prompts(spec: str, n: int = 0) -> list[str]:
+    """A shapes-world split name ('heldout_prompts', …: its first `n` captions) or a text file with
+    one prompt a line (the first `n`, or all when n is 0); an empty line is an error naming it."""
+    from base_model.shapes import SPLIT_OFFSETS, make_split
+
+    if spec in SPLIT_OFFSETS:
+        if n < 1:
+            raise ValueError(f"--prompts {spec!r} is a shapes split: give --n_prompts ≥ 1")
+        return [s.caption for s in make_split(spec, n)]
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"--prompts {spec!r}: not a shapes split ({list(SPLIT_OFFSETS)}) nor a file")
+    with open(spec, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            raise ValueError(f"{spec}:{i}: empty line; every line must hold a prompt")
+    if not lines:
+        raise ValueError(f"{spec}: no prompt")
+    return [line.strip() for line in lines][:n or None]
+
+
+def sample_images(spec: str, prompts: list[str], seeds: list[int], steps: int, guidance: float,
+                  shift: float) -> list[np.ndarray]:
+    """One uint8 (H, W, 3) image per (prompt, seed) from a model spec (see base_model.adapters)."""
+    from base_model.adapters import conditioning_dir, load_model
+    from base_model.sample import load_conditioning
+    from base_model.sampling import sample
+    from base_model.shapes import to_uint8
+    from base_model.text import TextEmbedder
+    from base_model.vae import image_space
+
+    cond = load_conditioning(conditioning_dir(spec))
+    model = load_model(spec).eval()
+    context, pooled = TextEmbedder(cond["text_encoders"]).encode(prompts)
+    c = model.config
+    z = sample(model, context, pooled, seeds, (c.in_channels, c.sample_size, c.sample_size), steps=steps,
+               shift=shift, guidance=guidance)
+    return [to_uint8(x) for x in image_space(cond["image_space"]).decode(z).clamp(-1, 1)]
+
+
+def create_study(db_path: str, images: str, models: dict[str, str], items: list[tuple], votes_per_item: int = 3,
+                 info: dict | None = None) -> str:
+    """Write a new study: `models` {name: spec} (A first, then B), `items` (prompt, seed, image_a,
+    image_b) with uint8 (H, W, 3) images, saved as PNG under `images`. Returns the admin token."""
+    from PIL import Image
+
+    if len(models) != 2:
+        raise ValueError(f"a study compares two models, got {len(models)}: {list(models)}")
+    if votes_per_item < 1:
+        raise ValueError("--votes_per_item must be ≥ 1")
+    if os.path.exists(db_path):
+        raise FileExistsError(f"{db_path!r} exists; a study is created once (pick another --db)")
+    os.makedirs(images, exist_ok=True)
+    rows = []
+    for prompt, seed, image_a, image_b in items:
+        names = [f"{secrets.token_hex(8)}.png" for _ in range(2)]
+        for name, image in zip(names, (image_a, image_b)):
+            Image.fromarray(np.asarray(image, dtype=np.uint8)).save(os.path.join(images, name))
+        rows.append((prompt, int(seed), *names))
+    admin = secrets.token_urlsafe(24)
+    conn = db.init(db_path)
+    with db.write(conn):
+        conn.executemany("INSERT INTO items (prompt, seed, image_a, image_b) VALUES (?, ?, ?, ?)", rows)
+        (a, spec_a), (b, spec_b) = models.items()
+        db.put(conn, "models", {"A": {"name": a, "spec": spec_a}, "B": {"name": b, "spec": spec_b}})
+        db.put(conn, "images", os.path.relpath(os.path.abspath(images), os.path.dirname(os.path.abspath(db_path))))
+        db.put(conn, "votes_per_item", votes_per_item)
+        db.put(conn, "admin_token_sha256", db.token_hash(admin))
+        db.put(conn, "created_at", time.time())
+        db.put(conn, "info", info or {})
+    conn.close()
+    return admin
+
+
+def create(db_path: str, images: str, models: dict[str, str], prompts: list[str], n_per_prompt: int = 2,
+           votes_per_item: int = 3, steps: int = 20, guidance: float = 4.0, shift: float = 1.0,
+           seed: int = 0) -> str:
+    """Sample both models on every prompt with seeds seed + p·n_per_prompt + j, then `create_study`."""
+    if os.path.exists(db_path):  # fail before minutes of sampling, not after
+        raise FileExistsError(f"{db_path!r} exists; a study is created once (pick another --db)")
+    captions = [p for p in prompts for _ in range(n_per_prompt)]
+    seeds = [seed + i for i in range(len(captions))]
+    a, b = (sample_images(spec, captions, seeds, steps, guidance, shift) for spec in models.values())
+    info = {"steps": steps, "guidance": guidance, "shift": shift, "seed": seed, "n_per_prompt": n_per_prompt}
+    return create_study(db_path, images, models, list(zip(captions, seeds, a, b)), votes_per_item, info)
+
+
+def invite(db_path: str, n: int, prefix: str = "annotator") -> list[tuple[str, str]]:
+    """n new annotators → [(name, token)]. Tokens are shown once: only their hashes are stored."""
+    conn = db.open_study(db_path)
+    out = []
+    with db.write(conn):
+        start = conn.execute("SELECT COUNT(*) FROM annotators").fetchone()[0]
+        for i in range(n):
+            name, token = f"{prefix}-{start + i + 1}", secrets.token_urlsafe(24)
+            conn.execute("INSERT INTO annotators (name, token_sha256, created_at) VALUES (?, ?, ?)",
+                         (name, db.token_hash(token), time.time()))
+            out.append((name, token))
+    conn.close()
+    return out
+
+
+def new_admin_token(db_path: str) -> str:
+    """Replace the admin token (the old one stops working)."""
+    conn = db.open_study(db_path)
+    token = secrets.token_urlsafe(24)
+    with db.write(conn):
+        db.put(conn, "admin_token_sha256", db.token_hash(token))
+    conn.close()
+    return token
+
+
+def majority(choices: list[str]) -> tuple[float, float]:
+    """(label_0, label_1) for model A, B from one item's votes: the plurality choice wins; a
+    plurality of ties, or two choices level at the top, is a tie (0.5, 0.5)."""
+    top = Counter(choices).most_common()
+    if (len(top) > 1 and top[0][1] == top[1][1]) or top[0][0] == "tie":
+        return 0.5, 0.5
+    return (1.0, 0.0) if top[0][0] == "A" else (0.0, 1.0)
+
+
+def export(db_path: str, output: str, question: str = "overall") -> dict:
+    """Per item with votes on `question`: the majority label, as a Pick-a-Pic-schema `datasets`
+    folder (jpg_0 = model A's image, jpg_1 = model B's; PNG bytes). Returns a summary."""
+    from base_model.pickapic import write_pairs
+
+    if question not in QUESTIONS:
+        raise ValueError(f"--question {question!r}: choose from {list(QUESTIONS)}")
+    conn = db.open_study(db_path)
+    models, folder = db.get(conn, "models"), db.images_dir(conn, db_path)
+    votes: dict[int, list[str]] = {}
+    for r in conn.execute("SELECT item_id, choice FROM votes WHERE question = ? ORDER BY item_id", (question,)):
+        votes.setdefault(r["item_id"], []).append(r["choice"])
+    rows = []
+    for item in conn.execute("SELECT * FROM items ORDER BY id"):
+        if item["id"] not in votes:
+            continue
+        label_0, label_1 = majority(votes[item["id"]])
+        jpg = []
+        for col in ("image_a", "image_b"):
+            with open(os.path.join(folder, item[col]), "rb") as f:
+                jpg.append(f.read())
+        n = Counter(votes[item["id"]])
+        rows.append({"caption": item["prompt"], "jpg_0": jpg[0], "jpg_1": jpg[1], "label_0": label_0,
+                     "label_1": label_1, "model_0": models["A"]["spec"], "model_1": models["B"]["spec"],
+                     "ranking_id": item["id"], "image_0_uid": item["image_a"], "image_1_uid": item["image_b"],
+                     "best_image_uid": {1.0: item["image_a"], 0.0: item["image_b"]}.get(label_0, ""),
+                     "seed": item["seed"], "votes_0": n["A"], "votes_1": n["B"], "votes_tie": n["tie"]})
+    conn.close()
+    if not rows:
+        raise ValueError(f"{db_path!r}: no item has a vote on {question!r} yet; nothing to export")
+    summary = {"items": len(rows), "question": question, "a_wins": sum(r["label_0"] == 1.0 for r in rows),
+               "b_wins": sum(r["label_1"] == 1.0 for r in rows), "ties": sum(r["label_0"] == 0.5 for r in rows)}
+    write_pairs(rows, output, {"summary": summary, "models": models, "db": os.path.abspath(db_path)})
+    return summary
