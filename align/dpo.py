@@ -337,8 +337,8 @@ def main(cfg: DPOConfig):
             logs = {f"train/{k}": sum(h[k] for h in history) / len(history) for k in history[0]}
             logs["train/lr"] = scheduler.get_last_lr()[0]
             logs["train/pairs_per_s"] = len(history) * B * world * accum / (time.time() - t0)
-            bar.set_postfix(loss=f"{logs['train/loss']:.4f}",
-                            acc=f"{logs.get('train/rewards/accuracies', float('nan')):.2f}")
+            bar.set_postfix(loss=f"{logs['train/loss']:.4f}", **({"acc": f"{logs['train/rewards/accuracies']:.2f}"}
+                                                                 if "train/rewards/accuracies" in logs else {}))
             accelerator.log(logs, step=done)
             _append_log(cfg.output_dir, accelerator, {"step": done, "round": round_ + 1, **logs})
             history, t0 = [], time.time()
