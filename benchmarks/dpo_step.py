@@ -8,7 +8,7 @@ backward on [winners; losers]) ÷ a policy forward + backward on the same 2B sam
 reference forward is the only extra work; target ≤ 1.3. Steps of the two kinds alternate, medians.
 
 Memory: peak resident memory of one training step (forward, backward, AdamW step), each variant in
-a fresh process, minus that process's baseline after imports and data (`ru_maxrss`):
+a fresh process, minus that process's baseline after imports and data (VmHWM):
 LoRA-DPO (one network, reference = adapter disabled) vs full fine-tuning DPO (trainable policy +
 frozen reference copy) — target ≤ 0.6 — and LoRA-DPO on a 4-bit NF4 base (bitsandbytes).
 """
@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -99,14 +98,24 @@ def time_table(repeats: int) -> list[str]:
     return rows
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited across fork/exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
 def peak_memory(variant: str, config: str) -> dict:
     """Run inside a fresh process: baseline after imports and data, then one training step."""
+    import bitsandbytes  # noqa: F401  (imports count in the baseline, not in a variant)
+    import peft  # noqa: F401
+
     cfg = CONFIGS[config]
-    base = build(cfg)
-    data = batch(base, cfg)
-    params_mb = sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20
-    del base
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    spec = dict(cfg["model"])
+    with torch.device("meta"):  # shapes only: the baseline must not include a model
+        shape = MMDiT(preset(spec.pop("name"), **spec))
+    data = batch(shape, cfg)
+    params_mb = sum(p.numel() * p.element_size() for p in shape.parameters()) / 2**20
+    baseline = peak_rss_mb()
     model = build(cfg)
     if variant == "full":
         reference = copy.deepcopy(model).requires_grad_(False)
@@ -119,7 +128,7 @@ def peak_memory(variant: str, config: str) -> dict:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         lora_dpo_step(model, data)
     opt.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     return {"variant": variant, "config": config, "peak_mb": peak - baseline, "weights_mb": params_mb}
 
 
