@@ -3,7 +3,6 @@ downloaded) through it as two annotators, one with the keyboard and one with the
 land in the database, the admin page shows the win rate, and screenshots go to tests/artifacts/."""
 
 import os
-import shutil
 import sqlite3
 
 import pytest
@@ -12,23 +11,13 @@ from reward.humaneval.app import side_of
 from tests.test_humaneval_app import make_study
 from tests.test_humaneval_server import ROOT, server  # noqa: F401  (the fixture)
 
-CHROMIUM = os.environ.get("CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 ARTIFACTS = os.path.join(ROOT, "tests", "artifacts")
 PROMPT = 'a red square <script>alert("x")</script>'
 
 
 @pytest.fixture
-def browser():
-    if not os.path.isfile(CHROMIUM):
-        if os.environ.get("CI"):
-            pytest.fail(f"no Chromium at {CHROMIUM}: .ci/run installs Debian's chromium")
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
-        yield b
-        b.close()
+def browser(chromium):  # tests/conftest.py: Debian's chromium; a missing one fails, never skips
+    return chromium
 
 
 def test_two_annotators_complete_a_study_in_chromium(tmp_path, server, browser):  # noqa: F811
