@@ -36,7 +36,8 @@ from base_model.adapters import BASE_RECORD, load, weights_sha256
 from base_model.cli import check_types, parse
 from base_model.data import to_model_space
 from base_model.flow import DENSITIES, flow_loss, sample_t
-from base_model.pretrain import (DataOrder, _append_log, cpu_process_group, latest_checkpoint, step_generator)
+from base_model.pretrain import (DataOrder, _append_log, cpu_process_group, latest_checkpoint, save_checkpoint,
+                                 step_generator)
 from base_model.shapes import save_grid
 
 from .loss import LOSS_TYPES, dpo_loss
@@ -167,28 +168,6 @@ def dpo_step_losses(model, peft_model, batch: dict, cfg: DPOConfig, round_: int)
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: accelerate state + adapters + where we are, written atomically
 # ---------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(accelerator, peft_model, output_dir: str, step: int, round_: int, keep: int) -> str:
-    final = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    if accelerator.is_main_process:
-        if REF in peft_model.peft_config:
-            peft_model.save_pretrained(os.path.join(tmp, "ref_adapter"), selected_adapters=[REF])
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"step": step, "round": round_}, f)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        old = sorted((d for d in os.listdir(output_dir) if d.startswith("checkpoint-")),
-                     key=lambda d: int(d.split("-")[1]))
-        for d in old[:-keep] if keep > 0 else []:
-            shutil.rmtree(os.path.join(output_dir, d), ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def save_adapter(peft_model, path: str, cfg: DPOConfig, base_sha: str, extra: dict | None = None):
@@ -345,7 +324,10 @@ def main(cfg: DPOConfig):
         if done % cfg.eval_steps == 0 or done == cfg.max_steps:
             sample_grid(policy, grid_cond, cfg, accelerator, done)
         if done % cfg.save_steps == 0 or done == cfg.max_steps:
-            last_ckpt = save_checkpoint(accelerator, peft_model, cfg.output_dir, done, round_, cfg.save_total_limit)
+            write_ref = None if REF not in peft_model.peft_config else (
+                lambda d: peft_model.save_pretrained(os.path.join(d, "ref_adapter"), selected_adapters=[REF]))
+            last_ckpt = save_checkpoint(accelerator, cfg.output_dir, done, cfg.save_total_limit,
+                                        {"step": done, "round": round_}, write_ref)
 
     if accelerator.is_main_process:
         final = os.path.join(cfg.output_dir, "final")

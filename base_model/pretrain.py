@@ -165,8 +165,9 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, ema, keep: int):
-    """accelerate state + EMA + step, written to a temporary folder and renamed into place."""
+def save_checkpoint(accelerator, output_dir: str, step: int, keep: int, state: dict, write_extra=None) -> str:
+    """accelerate state + `write_extra(folder)` (e.g. the EMA) + `trainer_state.json` (`state`),
+    written to a temporary folder and renamed into place; keeps the newest `keep` checkpoints."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
     if accelerator.is_main_process:
@@ -174,10 +175,10 @@ def save_checkpoint(accelerator, output_dir: str, step: int, ema, keep: int):
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
     if accelerator.is_main_process:
-        if ema is not None:
-            ema.save_pretrained(os.path.join(tmp, "ema"))
+        if write_extra is not None:
+            write_extra(tmp)
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"step": step}, f)
+            json.dump(state, f)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         old = sorted((d for d in os.listdir(output_dir) if d.startswith("checkpoint-")),
@@ -349,7 +350,9 @@ def main(cfg: PretrainConfig):
         if done % cfg.eval_steps == 0 or done == cfg.max_steps:
             evaluate(model, ema, enc, prompts, cfg, accelerator, done, vae, uncond)
         if done % cfg.save_steps == 0 or done == cfg.max_steps:
-            last_ckpt = save_checkpoint(accelerator, cfg.output_dir, done, ema, cfg.save_total_limit)
+            write_ema = None if ema is None else (lambda d: ema.save_pretrained(os.path.join(d, "ema")))
+            last_ckpt = save_checkpoint(accelerator, cfg.output_dir, done, cfg.save_total_limit, {"step": done},
+                                        write_ema)
 
     conditioning = {"text_encoders": cfg.text_encoders, "image_space": cfg.image_space, "resolution": cfg.resolution}
     if init is not None:
