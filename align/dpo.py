@@ -30,14 +30,14 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
-from transformers import SchedulerType, get_scheduler
+from transformers import SchedulerType
 
 from base_model.adapters import BASE_RECORD, load, weights_sha256
 from base_model.cli import check_types, parse
 from base_model.data import to_model_space
 from base_model.flow import DENSITIES, flow_loss, sample_t
-from base_model.pretrain import (DataOrder, _append_log, cpu_process_group, latest_checkpoint, save_checkpoint,
-                                 step_generator)
+from base_model.pretrain import (DataOrder, _append_log, cpu_process_group, latest_checkpoint,
+                                 optimizer_and_scheduler, save_checkpoint, step_generator)
 from base_model.shapes import save_grid
 
 from .loss import LOSS_TYPES, dpo_loss
@@ -228,15 +228,7 @@ def main(cfg: DPOConfig):
     accelerator.print(f"LoRA r={cfg.lora_r}: {trainable / 1e3:.1f}k trainable parameters of "
                       f"{sum(p.numel() for p in peft_model.parameters()) / 1e6:.2f}M")
 
-    if cfg.optimizer == "adamw_8bit":
-        import bitsandbytes as bnb
-        opt_cls = bnb.optim.AdamW8bit
-    else:
-        opt_cls = torch.optim.AdamW
-    optimizer = opt_cls([p for p in peft_model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                        betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=cfg.max_steps)
+    optimizer, scheduler = optimizer_and_scheduler(cfg, [p for p in peft_model.parameters() if p.requires_grad])
     if accelerator.state.deepspeed_plugin is not None:
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = B

@@ -157,6 +157,19 @@ def _zero_stage(accelerator) -> int:
     return plugin.zero_stage if plugin is not None else -1
 
 
+def optimizer_and_scheduler(cfg, params):
+    """AdamW (or bitsandbytes' 8-bit AdamW) and the LR schedule of a stage config with TRL's field names."""
+    if cfg.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+        opt_cls = bnb.optim.AdamW8bit
+    else:
+        opt_cls = torch.optim.AdamW
+    optimizer = opt_cls(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                        eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    return optimizer, get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
+                                    num_training_steps=cfg.max_steps)
+
+
 def latest_checkpoint(output_dir: str) -> str | None:
     if not os.path.isdir(output_dir):
         return None
@@ -273,15 +286,7 @@ def main(cfg: PretrainConfig):
     accelerator.print(f"MMDiT {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                       f"{len(train)} training images, {len(enc['context'])} distinct captions, {world} process(es)")
 
-    if cfg.optimizer == "adamw_8bit":
-        import bitsandbytes as bnb
-        opt_cls = bnb.optim.AdamW8bit
-    else:
-        opt_cls = torch.optim.AdamW
-    optimizer = opt_cls(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                        eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=cfg.max_steps)
+    optimizer, scheduler = optimizer_and_scheduler(cfg, model.parameters())
     if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed needs these before prepare
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = B
