@@ -36,6 +36,7 @@ from base_model.adapters import BASE_RECORD, load, weights_sha256
 from base_model.cli import check_types, parse
 from base_model.data import to_model_space
 from base_model.flow import DENSITIES, flow_loss, sample_t
+from base_model.sampling import SOLVERS
 from base_model.pretrain import (DataOrder, _append_log, cpu_process_group, latest_checkpoint,
                                  optimizer_and_scheduler, save_checkpoint, step_generator)
 from base_model.shapes import save_grid
@@ -95,8 +96,9 @@ class DPOConfig:
     eval_steps: int = 200  # sample grid of fixed prompts and seeds
     save_steps: int = 200
     save_total_limit: int = 2
-    sample_steps: int = 20
-    guidance: float = 4.0
+    sample_solver: str = "midpoint"  # for the grids and online rounds: "euler" or "midpoint"
+    sample_steps: int = 5
+    guidance: float = 2.0
     num_samples: int = 16
     report_to: str = "wandb"
     resume_from_checkpoint: str = ""
@@ -108,6 +110,7 @@ class DPOConfig:
                    "base_quantization": ("none", "4bit", "8bit"), "optimizer": ("adamw", "adamw_8bit"),
                    "mixed_precision": ("no", "bf16"), "ref_update": ("policy", "fixed"),
                    "pair_rule": ("threshold", "best_worst"), "report_to": ("wandb", "none"),
+                   "sample_solver": SOLVERS,
                    "lr_scheduler_type": tuple(t.value for t in SchedulerType)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -351,7 +354,7 @@ def round_pairs(policy, cfg: DPOConfig, round_: int, accelerator, gather_object)
     rows, info = on_policy_pairs(policy, mine, cfg.round_k, cfg.reward, cfg.pair_rule, cfg.pair_threshold, 0.0,
                                  cfg.max_pairs_per_prompt, cfg.sample_steps, cfg.guidance,
                                  seed=10_000_000 * (round_ + 1) + 1_000_000 * accelerator.process_index,
-                                 model_name=f"round-{round_}")
+                                 model_name=f"round-{round_}", solver=cfg.sample_solver)
     policy.model.train()
     rows = gather_object(rows)
     path = os.path.join(cfg.output_dir, f"round-{round_ + 1}", "pairs")
@@ -369,7 +372,7 @@ def sample_grid(policy, grid_cond, cfg: DPOConfig, accelerator, step: int):
         return
     policy.model.eval()
     images = policy.generate(None, range(len(grid_cond[0])), cfg.sample_steps, cfg.guidance, progress=False,
-                             context=grid_cond)
+                             context=grid_cond, solver=cfg.sample_solver)
     os.makedirs(os.path.join(cfg.output_dir, "samples"), exist_ok=True)
     save_grid(images, os.path.join(cfg.output_dir, "samples", f"step-{step:06d}.png"))
     policy.model.train()

@@ -22,6 +22,7 @@ import torch
 
 from base_model.data import _decode, _open_dataset, resize_center_crop
 from base_model.pickapic import REQUIRED, encode_png, pairs_dataset, write_pairs  # noqa: F401 (re-exported)
+from base_model.sampling import SOLVERS
 
 @dataclass
 class Pairs:
@@ -134,9 +135,9 @@ def prompts_from(spec: str, n: int, seed_offset: int = 0) -> list[str]:
 
 
 def on_policy_pairs(gen, prompts: list[str], k: int, reward: str, rule: str = "threshold",
-                    threshold: float = 1.0, margin: float = 0.0, max_pairs: int = 3, steps: int = 20,
-                    guidance: float = 4.0, seed: int = 0, model_name: str = "policy",
-                    batch_size: int = 256) -> tuple[list[dict], dict]:
+                    threshold: float = 1.0, margin: float = 0.0, max_pairs: int = 3, steps: int = 5,
+                    guidance: float = 2.0, seed: int = 0, model_name: str = "policy",
+                    batch_size: int = 256, solver: str = "midpoint") -> tuple[list[dict], dict]:
     """Sample K images per prompt from `gen` (a `base_model.adapters.Loaded`; seed = seed + prompt·K + j,
     recorded), score them, pick pairs. Returns (Pick-a-Pic rows, {"summary", "scores", "seeds"})."""
     from base_model.shapes import to_uint8
@@ -146,7 +147,8 @@ def on_policy_pairs(gen, prompts: list[str], k: int, reward: str, rule: str = "t
     context, pooled = gen.text.encode(prompts)
     rep = torch.arange(len(prompts)).repeat_interleave(k)
     seeds = [seed + i for i in range(len(prompts) * k)]
-    images = gen.generate(None, seeds, steps, guidance, batch_size=batch_size, context=(context[rep], pooled[rep]))
+    images = gen.generate(None, seeds, steps, guidance, batch_size=batch_size, context=(context[rep], pooled[rep]),
+                          solver=solver)
     scores = score_fn(images, [prompts[i] for i in rep.tolist()]).view(len(prompts), k)
     rows = []
     for p, caption in enumerate(prompts):
@@ -178,8 +180,9 @@ def main(argv=None):
     ap.add_argument("--threshold", type=float, default=1.0)
     ap.add_argument("--margin", type=float, default=0.0)
     ap.add_argument("--max_pairs_per_prompt", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--solver", default="midpoint", choices=SOLVERS)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=1_000_000)
     ap.add_argument("--output", required=True)
     args = parse_with_config(ap, argv)
@@ -188,7 +191,8 @@ def main(argv=None):
     prompts = prompts_from(args.prompts, args.n_prompts, args.prompt_offset)
     rows, info = on_policy_pairs(gen, prompts, args.k, args.reward,
                                  args.rule, args.threshold, args.margin, args.max_pairs_per_prompt,
-                                 args.steps, args.guidance, seed=args.seed, model_name=args.base)
+                                 args.steps, args.guidance, seed=args.seed, model_name=args.base,
+                                 solver=args.solver)
     if not rows:
         raise SystemExit(f"no pair met the rule {args.rule!r}: {info['summary']}")
     write_pairs(rows, args.output, {**info, "args": vars(args)})

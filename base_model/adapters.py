@@ -125,14 +125,14 @@ class Loaded:
         return self.model.config.sample_size * self.space.downsample
 
     def generate(self, captions, seeds, steps: int = 20, guidance: float = 4.0, shift: float | None = None,
-                 batch_size: int = 64, progress: bool = True, context=None) -> torch.Tensor:
+                 batch_size: int = 64, progress: bool = True, context=None, solver: str = "euler") -> torch.Tensor:
         """Images (N, 3, H, W) in [-1, 1], one per (caption, seed)."""
         from .sampling import sample
 
         context, pooled = context if context is not None else self.text.encode(list(captions))
         z = sample(self.model, context, pooled, list(seeds), self.image_shape, steps=steps,
                    shift=self.shift if shift is None else shift, guidance=guidance, uncond=self.uncond,
-                   batch_size=batch_size, progress=progress)
+                   batch_size=batch_size, progress=progress, solver=solver)
         return self.space.decode(z).clamp(-1, 1)
 
 

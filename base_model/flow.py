@@ -93,7 +93,7 @@ def density(t: torch.Tensor, kind: str, m: float = 0.0, s: float = 1.0, mode_sca
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def validation_loss(velocity, x0: torch.Tensor, cond: tuple, levels: int = 8, seed: int = 0,
                     batch_size: int = 256) -> dict:
     """Mean loss at `levels` equally spaced t in [0, 1) (t = 1 excluded), on a fixed validation

@@ -29,7 +29,7 @@ from .cli import check_types, parse
 from .data import ImageCaptions, load_image_captions, shapes_data, to_model_space
 from .flow import DENSITIES, flow_loss, sample_t, validation_loss
 from .mmdit import PRESETS, MMDiT, preset
-from .sampling import sample
+from .sampling import SOLVERS, sample
 from .shapes import save_grid
 
 
@@ -76,8 +76,9 @@ class PretrainConfig:
     eval_steps: int = 250  # validation loss and a sample grid
     save_steps: int = 500
     save_total_limit: int = 2  # older checkpoints are deleted
-    sample_steps: int = 20  # Euler steps for the sample grids
-    guidance: float = 4.0
+    sample_solver: str = "midpoint"  # for the sample grids: "euler" or "midpoint"
+    sample_steps: int = 5
+    guidance: float = 2.0
     num_samples: int = 16
     report_to: str = "wandb"  # "wandb" (offline without an account) or "none"
     resume_from_checkpoint: str = ""  # "latest" or a checkpoint folder
@@ -98,6 +99,8 @@ class PretrainConfig:
             raise ValueError(f"--mixed_precision {self.mixed_precision!r}: choose 'no' or 'bf16'")
         if self.report_to not in ("wandb", "none"):
             raise ValueError(f"--report_to {self.report_to!r}: choose 'wandb' or 'none'")
+        if self.sample_solver not in SOLVERS:
+            raise ValueError(f"--sample_solver {self.sample_solver!r}: choose from {SOLVERS}")
         for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "resolution"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be ≥ 1")
@@ -381,7 +384,7 @@ def evaluate(model, ema, enc, prompts, cfg, accelerator, step, vae, uncond=None)
         p = enc["prompt_ids"]
         images = sample(net.eval(), enc["context"][p], enc["pooled"][p], list(range(len(p))),
                         enc["x_val"].shape[1:], steps=cfg.sample_steps, guidance=cfg.guidance, uncond=uncond,
-                        progress=False)
+                        progress=False, solver=cfg.sample_solver)
         os.makedirs(os.path.join(cfg.output_dir, "samples"), exist_ok=True)
         save_grid(vae.decode(images).clamp(-1, 1), os.path.join(cfg.output_dir, "samples", f"step-{step:06d}.png"))
     model.train()

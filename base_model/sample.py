@@ -12,7 +12,7 @@ import json
 import os
 
 from .mmdit import MMDiT
-from .sampling import sample
+from .sampling import SOLVERS, sample
 from .shapes import make_split, save_grid
 
 
@@ -33,9 +33,10 @@ def main(argv=None):
     ap.add_argument("--checkpoint", required=True, help="a folder with config.json + model.safetensors")
     ap.add_argument("--prompts", nargs="*", default=None)
     ap.add_argument("--output_dir", default="runs/samples")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--solver", default="midpoint", choices=SOLVERS)
+    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--shift", type=float, default=1.0)
-    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--guidance", type=float, default=2.0)
     args = ap.parse_args(argv)
 
     model = MMDiT.from_pretrained(args.checkpoint).eval()
@@ -44,7 +45,7 @@ def main(argv=None):
     context, pooled = TextEmbedder(cond["text_encoders"]).encode(prompts)
     cfg = model.config
     z = sample(model, context, pooled, list(range(len(prompts))), (cfg.in_channels, cfg.sample_size, cfg.sample_size),
-               steps=args.steps, shift=args.shift, guidance=args.guidance)
+               steps=args.steps, shift=args.shift, guidance=args.guidance, solver=args.solver)
     images = image_space(cond["image_space"]).decode(z).clamp(-1, 1)
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "grid.png")

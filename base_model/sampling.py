@@ -1,4 +1,8 @@
-"""Sampling: an Euler loop over any velocity callable, from t = 1 (noise) to t = 0 (data)."""
+"""Sampling: an ODE solver loop over any velocity callable, from t = 1 (noise) to t = 0 (data).
+
+Two solvers, as in `flow_matching`'s ODESolver: "euler" (diffusers' FlowMatchEulerDiscreteScheduler,
+one velocity call a step) and "midpoint" (second order, two calls a step). On the toy preset
+5 midpoint steps (9 calls) score as well as 20 Euler steps (benchmarks/README.md, "Sampler")."""
 
 from __future__ import annotations
 
@@ -17,10 +21,21 @@ def euler_times(steps: int, shift: float = 1.0, t_min: float = 1e-3) -> torch.Te
     return torch.cat([t, t.new_zeros(1)]).float()
 
 
-def euler(velocity, x: torch.Tensor, times: torch.Tensor, progress: bool = False) -> torch.Tensor:
-    """x ← x + (t_next − t)·v(x, t) for consecutive times (decreasing: dt < 0)."""
-    for t, t_next in tqdm(list(zip(times[:-1], times[1:])), disable=not progress, desc="euler", leave=False):
-        x = x + (t_next - t) * velocity(x, t.expand(len(x)).to(x.device))
+SOLVERS = ("euler", "midpoint")
+
+
+def solve(velocity, x: torch.Tensor, times: torch.Tensor, solver: str = "euler", progress: bool = False):
+    """Integrate dx/dt = v(x, t) through `times` (decreasing: dt < 0). Euler: x ← x + dt·v(x, t). Midpoint: x ← x + dt·v(x + dt/2·v(x, t), t + dt/2);
+    its step into t = 0 is an Euler step, as in EDM's Heun sampler (that step starts at t_min = 1e-3)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose from {SOLVERS}")
+    at = lambda t: t.expand(len(x)).to(x.device)  # noqa: E731
+    for t, t_next in tqdm(list(zip(times[:-1], times[1:])), disable=not progress, desc=solver, leave=False):
+        dt = t_next - t
+        if solver == "euler" or t_next == 0:
+            x = x + dt * velocity(x, at(t))
+        else:
+            x = x + dt * velocity(x + dt / 2 * velocity(x, at(t)), at(t + dt / 2))
     return x
 
 
@@ -44,7 +59,7 @@ def noise_from_seeds(seeds, shape: tuple, device="cpu", dtype=torch.float32) -> 
 @torch.no_grad()
 def sample(model, context: torch.Tensor, pooled: torch.Tensor, seeds, image_shape: tuple,
            steps: int = 28, shift: float = 1.0, guidance: float = 1.0, uncond: tuple | None = None,
-           batch_size: int = 64, progress: bool = True) -> torch.Tensor:
+           batch_size: int = 64, progress: bool = True, solver: str = "euler") -> torch.Tensor:
     """Generate one image per (context, pooled, seed) row, in batches. The unconditional branch
     defaults to zeroed text, which is what dropping every text encoder in training teaches.
     Returns x0 (N, C, H, W) in the model's space (pixels in [-1, 1], or latents)."""
@@ -61,5 +76,6 @@ def sample(model, context: torch.Tensor, pooled: torch.Tensor, seeds, image_shap
             u = tuple(torch.zeros_like(c) for c in cond) if uncond is None else \
                 tuple(c.expand(len(x), *c.shape[1:]).to(device) for c in uncond)
             v = with_cfg(model, guidance, cond, u)
-        out.append(euler(v, x, times).cpu())
+        with torch.inference_mode():  # ~5% faster than no_grad; the cat below makes a normal tensor
+            out.append(solve(v, x, times, solver).cpu())
     return torch.cat(out)

@@ -99,7 +99,7 @@ def write_report(out: dict, images: dict, per_image: dict, captions: list[str], 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>flowalign evaluation</title>"
              f"<style>{CSS}</style></head><body><h1>flowalign evaluation</h1>",
              f"<p>{len(captions)} prompts ({e(cfg.prompts)}) × {cfg.n_per_prompt} seeds per model; "
-             f"{cfg.steps} Euler steps, guidance {cfg.guidance}. Models: "
+             f"{cfg.steps} {cfg.solver} steps, guidance {cfg.guidance}. Models: "
              + ", ".join(f"<b>{e(n)}</b> = <code>{e(s)}</code>" for n, s in cfg.models) + "</p>"]
     head = "<tr><th>model</th>" + ("<th>accuracy</th><th>GenEval overall</th>" if "compositional" in scorers else "")
     head += "".join(f"<th>{e(s)}</th>" for s in scorers) + "<th>val loss</th></tr>"

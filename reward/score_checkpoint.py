@@ -18,7 +18,7 @@ import torch
 
 from base_model.mmdit import MMDiT
 from base_model.sample import load_conditioning
-from base_model.sampling import sample
+from base_model.sampling import SOLVERS, sample
 from base_model.shapes import TASKS, make_split, save_grid
 from base_model.text import TextEmbedder
 
@@ -39,8 +39,9 @@ def main(argv=None):
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--split", default="heldout_prompts")
     ap.add_argument("--n", type=int, default=600)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--solver", default="midpoint", choices=SOLVERS)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--shift", type=float, default=1.0, help="sampling shift of the Euler schedule")
     ap.add_argument("--output_dir", default="")
     args = ap.parse_args(argv)
@@ -53,7 +54,7 @@ def main(argv=None):
     context, pooled = TextEmbedder(cond["text_encoders"]).encode([s.caption for s in scenes])
     side = model.config.sample_size
     images = sample(model, context, pooled, [s.seed for s in scenes], (model.config.in_channels, side, side),
-                    steps=args.steps, shift=args.shift, guidance=args.guidance).clamp(-1, 1)
+                    steps=args.steps, shift=args.shift, guidance=args.guidance, solver=args.solver).clamp(-1, 1)
     result = score(list(images), scenes)
     correct = torch.tensor(result["correct"])
     rows = {}
@@ -61,7 +62,7 @@ def main(argv=None):
         sel = torch.tensor([s.task == task for s in scenes])
         k, n = int(correct[sel].sum()), int(sel.sum())
         rows[task] = {"accuracy": k / max(n, 1), "ci95": wilson(k, n), "n": n}
-    out = {"checkpoint": args.checkpoint, "split": args.split, "n": args.n, "steps": args.steps, "shift": args.shift,
+    out = {"checkpoint": args.checkpoint, "split": args.split, "n": args.n, "solver": args.solver, "steps": args.steps, "shift": args.shift,
            "guidance": args.guidance, "overall": result["overall"], "tasks": rows,
            "graded_mean": float(torch.tensor(result["graded"]).mean())}
     out_dir = args.output_dir or args.checkpoint

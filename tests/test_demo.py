@@ -13,7 +13,7 @@ SMALL = {
     # 200 steps: enough for samples the scorer can rank (14 pairs from 16 prompts when measured)
     "pretrain": ["--max_steps=200", "--num_train=2000", "--num_val=16", "--eval_steps=1000", "--save_steps=1000",
                  "--num_samples=4", "--sample_steps=2", "--per_device_train_batch_size=32", "--warmup_steps=20"],
-    "pairs": ["--n_prompts=16", "--k=8", "--steps=10", "--rule=best_worst"],
+    "pairs": ["--n_prompts=16", "--k=8", "--steps=5", "--rule=best_worst"],
     "dpo": ["--max_steps=4", "--per_device_train_batch_size=4", "--eval_steps=1000", "--save_steps=1000",
             "--num_samples=2", "--sample_steps=2"],
     "eval": ["--n_prompts=8", "--n_per_prompt=2", "--steps=4", "--val_images=16"],

@@ -4,6 +4,8 @@ image loads in headless Chromium, and clear errors for bad input."""
 import json
 import os
 import shutil
+import struct
+import time
 
 import pytest
 import torch
@@ -94,3 +96,48 @@ def test_yaml_config_and_cli_models(two, tmp_path):
     y.write_text("n_promptz: 2\n")
     with pytest.raises(ValueError, match="n_promptz"):
         reval.main(["--config", str(y), "--model", f"z={b}"])
+
+
+def wandb_records(path: str, block: int = 32768):
+    """The records of an offline run file (`run-ID.wandb`: a LevelDB-style log of protobuf records)
+    once wandb's service has written its exit record (it may still be flushing after `finish()`)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    for _ in range(100):
+        data, records, buf, pos = open(path, "rb").read(), [], b"", 7
+        assert data[:4] == b":W&B"
+        while pos + 7 <= len(data):
+            if block - pos % block < 7:  # a block's tail too short for a header is padding
+                pos += block - pos % block
+                continue
+            _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if n == 0 and kind == 0 or pos + 7 + n > len(data):
+                break
+            buf, pos = buf + data[pos + 7:pos + 7 + n], pos + 7 + n
+            if kind in (1, 4):  # FULL or LAST: a whole record
+                records.append(pb.Record.FromString(buf))
+                buf = b""
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        time.sleep(0.2)
+    raise AssertionError(f"{path}: no exit record after 20 s")
+
+
+def test_wandb_logs_every_metric_offline(two, tmp_path, monkeypatch):
+    """`--report_to wandb` without an account: an offline run that logged results.json's numbers and the report."""
+    a, b = two
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    out = reval.main(["--model", f"base={a}", "--model", f"other={b}", "--n_prompts", "3", "--n_per_prompt", "2",
+                      "--steps", "1", "--val_images", "8", "--output_dir", str(tmp_path), "--report_to", "wandb"])
+    files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    logged = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+              for r in wandb_records(str(files[0])) if r.WhichOneof("record_type") == "history" for i in r.history.item}
+    flat = reval.flat_metrics(out)
+    assert {"base/accuracy", "other/accuracy_ci_high", "other_vs_base/accuracy_diff",
+            "other_vs_base/win_rate/compositional", "base/val_loss"} <= set(flat)
+    assert any(k.startswith("base/tasks/") for k in flat)
+    for key, value in flat.items():
+        assert logged[key] == pytest.approx(value), key
+    assert logged["report/_type"] == "html-file"

@@ -3,7 +3,7 @@ from conftest import randomize
 
 from base_model.mmdit import MMDiT, MMDiTConfig
 from base_model.flow import flow_loss, sample_t
-from base_model.sampling import euler, euler_times, noise_from_seeds, sample, with_cfg
+from base_model.sampling import euler_times, solve, noise_from_seeds, sample, with_cfg
 
 TINY = dict(depth=2, hidden=32, heads=2, patch_size=4, in_channels=3, sample_size=16,
             pos_embed_max_size=4, context_dim=12, pooled_dim=10)
@@ -13,22 +13,42 @@ def test_euler_exact_on_a_point_mass():
     """Data = one point x*: v(x, t) = (x − x*)/t is exact and linear in t, so Euler lands on x*."""
     target = torch.randn(2, 3, 4, 4)
     v = lambda x, t: (x - target) / t.view(-1, 1, 1, 1)  # noqa: E731
-    out = euler(v, torch.randn(2, 3, 4, 4), euler_times(5, shift=3.0))
+    out = solve(v, torch.randn(2, 3, 4, 4), euler_times(5, shift=3.0))
     assert torch.allclose(out, target, atol=1e-5)
 
 
-def test_euler_transports_a_gaussian():
+MU, SIGMA = 2.0, 0.5
+
+
+def gaussian_velocity(x, t):
     """Data N(μ, σ²): x_t = (1−t)μ + s_t·ε with s_t² = (1−t)²σ² + t², so the flow maps ε to μ + σ·ε."""
-    mu, sigma = 2.0, 0.5
+    t = t.view(-1, 1).double()
+    s2 = (1 - t) ** 2 * SIGMA**2 + t**2
+    return (t - (1 - t) * SIGMA**2) / s2 * (x.double() - (1 - t) * MU) - MU
 
-    def v(x, t):
-        t = t.view(-1, 1).double()
-        s2 = (1 - t) ** 2 * sigma**2 + t**2
-        return ((t - (1 - t) * sigma**2) / s2 * (x.double() - (1 - t) * mu) - mu).float()
 
+def test_euler_transports_a_gaussian():
     eps = torch.randn(1000, 1)
-    out = euler(v, eps, euler_times(200))
-    assert torch.allclose(out, mu + sigma * eps, atol=2e-2)
+    out = solve(gaussian_velocity, eps, euler_times(200))
+    assert torch.allclose(out.float(), MU + SIGMA * eps, atol=2e-2)
+
+
+def test_midpoint_is_second_order_and_euler_first():
+    """Halving the step divides the error by ~4 for midpoint, ~2 for Euler (its last step into
+    t = 0 is an Euler step, whose local error is also O(dt²))."""
+    eps = torch.randn(100, 1).double()
+    err = {(solver, n): (solve(gaussian_velocity, eps, torch.linspace(1, 0, n + 1).double(), solver)
+                         - (MU + SIGMA * eps)).abs().max().item()
+           for solver in ("euler", "midpoint") for n in (8, 16)}
+    assert 1.7 < err["euler", 8] / err["euler", 16] < 2.3
+    assert err["midpoint", 8] / err["midpoint", 16] > 3.3
+    assert err["midpoint", 8] < err["euler", 16] / 2  # 15 calls of midpoint beat 16 of Euler
+    try:
+        solve(gaussian_velocity, eps, torch.linspace(1, 0, 3), "heun")
+    except ValueError as e:
+        assert "heun" in str(e)
+    else:
+        raise AssertionError("an unknown solver must raise")
 
 
 def test_cfg_wrapper_is_the_linear_combination():

@@ -38,8 +38,9 @@ def main(argv=None):
     c.add_argument("--votes_per_item", type=int, default=3, help="annotators wanted per item")
     c.add_argument("--db", required=True)
     c.add_argument("--images", required=True, help="folder for the PNGs (created)")
-    c.add_argument("--steps", type=int, default=20)
-    c.add_argument("--guidance", type=float, default=4.0)
+    c.add_argument("--solver", default="midpoint", choices=("euler", "midpoint"))
+    c.add_argument("--steps", type=int, default=5)
+    c.add_argument("--guidance", type=float, default=2.0)
     c.add_argument("--shift", type=float, default=1.0)
     c.add_argument("--seed", type=int, default=0, help="item i is drawn with seed + i by both models")
 
@@ -77,7 +78,7 @@ def run(args, ap):
             ap.error("--model: give exactly two, with different names (A, then B)")
         prompts = study.read_prompts(args.prompts, args.n_prompts)
         admin = study.create(args.db, args.images, models, prompts, args.n_per_prompt, args.votes_per_item,
-                             args.steps, args.guidance, args.shift, args.seed)
+                             args.steps, args.guidance, args.shift, args.seed, args.solver)
         print(f"study {args.db}: {len(prompts) * args.n_per_prompt} items from {len(prompts)} prompts, images in "
               f"{args.images}\nadmin page: /admin/{admin}/ (keep it secret; `invite --admin` replaces it)")
     elif args.command == "invite":

@@ -43,23 +43,15 @@ def read_prompts(spec: str, n: int = 0) -> list[str]:
     return [line.strip() for line in lines][:n or None]
 
 
-def sample_images(spec: str, prompts: list[str], seeds: list[int], steps: int, guidance: float,
-                  shift: float) -> list[np.ndarray]:
-    """One uint8 (H, W, 3) image per (prompt, seed) from a model spec (see base_model.adapters)."""
-    from base_model.adapters import conditioning_dir, load_model
-    from base_model.sample import load_conditioning
-    from base_model.sampling import sample
+def sample_images(spec: str, prompts: list[str], seeds: list[int], sampler: dict) -> list[np.ndarray]:
+    """One uint8 (H, W, 3) image per (prompt, seed) from a model spec (see base_model.adapters);
+    `sampler`: solver, steps, guidance, shift."""
+    from base_model.adapters import load
     from base_model.shapes import to_uint8
-    from base_model.text import TextEmbedder
-    from base_model.vae import image_space
 
-    cond = load_conditioning(conditioning_dir(spec))
-    model = load_model(spec).eval()
-    context, pooled = TextEmbedder(cond["text_encoders"]).encode(prompts)
-    c = model.config
-    z = sample(model, context, pooled, seeds, (c.in_channels, c.sample_size, c.sample_size), steps=steps,
-               shift=shift, guidance=guidance)
-    return [to_uint8(x) for x in image_space(cond["image_space"]).decode(z).clamp(-1, 1)]
+    gen = load(spec, sample_shift=sampler["shift"])
+    images = gen.generate(prompts, seeds, sampler["steps"], sampler["guidance"], solver=sampler["solver"])
+    return [to_uint8(x) for x in images]
 
 
 def create_study(db_path: str, images: str, models: dict[str, str], items: list[tuple], votes_per_item: int = 3,
@@ -97,15 +89,16 @@ def create_study(db_path: str, images: str, models: dict[str, str], items: list[
 
 
 def create(db_path: str, images: str, models: dict[str, str], prompts: list[str], n_per_prompt: int = 2,
-           votes_per_item: int = 3, steps: int = 20, guidance: float = 4.0, shift: float = 1.0,
-           seed: int = 0) -> str:
+           votes_per_item: int = 3, steps: int = 5, guidance: float = 2.0, shift: float = 1.0,
+           seed: int = 0, solver: str = "midpoint") -> str:
     """Sample both models on every prompt with seeds seed + p·n_per_prompt + j, then `create_study`."""
     if os.path.exists(db_path):  # fail before minutes of sampling, not after
         raise FileExistsError(f"{db_path!r} exists; a study is created once (pick another --db)")
     captions = [p for p in prompts for _ in range(n_per_prompt)]
     seeds = [seed + i for i in range(len(captions))]
-    a, b = (sample_images(spec, captions, seeds, steps, guidance, shift) for spec in models.values())
-    info = {"steps": steps, "guidance": guidance, "shift": shift, "seed": seed, "n_per_prompt": n_per_prompt}
+    sampler = {"solver": solver, "steps": steps, "guidance": guidance, "shift": shift}
+    a, b = (sample_images(spec, captions, seeds, sampler) for spec in models.values())
+    info = {**sampler, "seed": seed, "n_per_prompt": n_per_prompt}
     return create_study(db_path, images, models, list(zip(captions, seeds, a, b)), votes_per_item, info)
 
 
