@@ -391,15 +391,17 @@ def evaluate(model, ema, enc, prompts, cfg, accelerator, step, vae, uncond=None)
 
 
 def save_final(model, ema, accelerator, path, conditioning: dict):
-    """One consolidated model.safetensors (ZeRO-3 shards gathered): EMA in `final/`, raw in `final/raw/`,
-    and `conditioning.json` naming the text encoders and image space the model was trained with."""
+    """One consolidated model.safetensors (ZeRO-3 shards gathered): EMA in `final/` and raw in `final/raw/`
+    (without EMA: the raw weights in `final/`), and `conditioning.json` naming the text encoders and
+    image space the model was trained with."""
     state = accelerator.get_state_dict(model)  # every process takes part under ZeRO-3
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         tmp = path.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        (ema if ema is not None else unwrapped).save_pretrained(tmp)
-        unwrapped.save_pretrained(os.path.join(tmp, "raw"), state_dict=state)
+        if ema is not None:
+            ema.save_pretrained(tmp)
+        unwrapped.save_pretrained(os.path.join(tmp, "raw") if ema is not None else tmp, state_dict=state)
         with open(os.path.join(tmp, "conditioning.json"), "w") as f:
             json.dump(conditioning, f, indent=2)
         shutil.rmtree(path, ignore_errors=True)

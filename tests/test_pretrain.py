@@ -137,6 +137,9 @@ def test_run_writes_final_and_nan_stops_with_step(tmp_path, monkeypatch):
     assert os.path.exists(out / "samples" / "step-000003.png")
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-3"]
     assert not [d for d in os.listdir(out) if d.startswith(".tmp")]
+    # without EMA the raw weights are the final model, written once
+    pretrain.main(parse(PretrainConfig, SMALL + ["--max_steps", "2", "--ema_decay", "0", "--output_dir", str(out / "no_ema")]))
+    assert sorted(os.listdir(out / "no_ema" / "final")) == ["conditioning.json", "config.json", "model.safetensors"]
 
     real = pretrain.flow_loss
     calls = {"n": 0}
