@@ -1,15 +1,17 @@
 """Per-rank memory of model states under DeepSpeed ZeRO-0/1/2/3, 2 CPU processes, next to DeepSpeed's estimator.
 
-    python benchmarks/zero_memory.py [--preset d8] [--steps 3] [--stages 0 1 2 3]
+    python benchmarks/zero_memory.py [--preset d8] [--steps 3] [--stages 0 1 2 3] [--precision fp32|bf16]
 
 For each stage this launches `accelerate launch --num_processes 2 --use_deepspeed` on itself with
-configs/deepspeed/zeroN.json (ZeRO-0: the same config with stage 0, written to a temp file), fp32
-AdamW as base_model.pretrain uses it, and measures what each rank holds by summing the bytes of
-distinct tensor storages (views of one flat buffer count once):
+configs/deepspeed/zeroN.json (ZeRO-0: the same config with stage 0, written to a temp file), AdamW
+as base_model.pretrain uses it, in fp32 or with `--precision bf16` (DeepSpeed's bf16 mode: bf16
+params and gradients, fp32 master weights and Adam states: ZeRO-0 wraps AdamW in its unfused
+mixed-precision optimizer, whose master copy is `fp32_groups`), and measures what each rank holds
+by summing the bytes of distinct tensor storages (views of one flat buffer count once):
   params   after the step: ZeRO-3 the local partitions `p.ds_tensor` (+ the small persistent
            params every rank keeps whole), otherwise the full `p.data`;
   master   after the step: the optimizer's fp32 partitions (ZeRO-1/2 `single_partition_of_fp32_groups`,
-           ZeRO-3 `fp32_partitioned_groups_flat`); ZeRO-0 updates `p.data` itself;
+           ZeRO-3 `fp32_partitioned_groups_flat`, bf16 ZeRO-0 `fp32_groups`); fp32 ZeRO-0 updates `p.data`;
   grads    after backward and its reduction, into the step: `p.grad`, ZeRO-1/2 `averaged_gradients` +
            `grads_in_partition`, ZeRO-3 `grad_partitions_flat_buffer`;
   Adam     after the step: exp_avg and exp_avg_sq in the base optimizer's `state`.
@@ -38,10 +40,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 2**20
 
 
-def model_config(name: str):
+def model_config(name: str, side: int = 16):
     from base_model.mmdit import preset
 
-    return preset(name, sample_size=16)  # 16×16 latents, p = 2: 64 image tokens
+    return preset(name, sample_size=side)  # side×side latents, p = 2: (side/2)² image tokens
 
 
 def storage_bytes(tensors, seen: set) -> int:
@@ -78,7 +80,7 @@ def worker(args):
 
     torch.manual_seed(0)
     accelerator = Accelerator(kwargs_handlers=cpu_process_group())
-    cfg = model_config(args.preset)
+    cfg = model_config(args.preset, args.side)
     model = MMDiT(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ds = accelerator.state.deepspeed_plugin.deepspeed_config  # needed before prepare, as in pretrain.py
@@ -96,7 +98,7 @@ def worker(args):
     def grad_bytes():
         """Gradient storages held now; a reduce bucket counts by the part filled with unreduced grads."""
         in_buckets = {t.untyped_storage().data_ptr() for t in flat([b.buffer for b in buckets.values()])}
-        filled = sum(b.elements * 4 for b in buckets.values())  # fp32 elements
+        filled = sum(b.elements * dtype.itemsize for dtype, b in buckets.items())
         return filled + storage_bytes(flat([p.grad for p in params], getattr(zero_opt, "averaged_gradients", None),
                                            getattr(zero_opt, "grads_in_partition", None),
                                            getattr(zero_opt, "grad_partitions_flat_buffer", None)), in_buckets)
@@ -112,8 +114,10 @@ def worker(args):
     g = torch.Generator().manual_seed(accelerator.process_index)
     B, side = args.batch, cfg.sample_size
     x0, noise = (torch.randn(B, cfg.in_channels, side, side, generator=g) for _ in range(2))
-    batch = (x0, noise, torch.rand(B, generator=g), torch.randn(B, 32, cfg.context_dim, generator=g),  # 32 text tokens
+    batch = (x0, noise, torch.rand(B, generator=g), torch.randn(B, args.context, cfg.context_dim, generator=g),
              torch.randn(B, cfg.pooled_dim, generator=g))
+    if args.precision == "bf16":  # the engine's module is bf16 now, so are its inputs
+        batch = tuple(x.bfloat16() for x in batch)
     for i in range(1 + args.steps):
         t0 = time.perf_counter()
         loss = flow_loss(engine, *batch).mean()
@@ -128,7 +132,8 @@ def worker(args):
             mem["params"] = storage_bytes([p.ds_tensor if stage == 3 else p.data for p in params], seen)
             mem["params"] += storage_bytes([p.data for p in params], seen)  # ZeRO-3 persistent params; else none new
             mem["master"] = storage_bytes(flat(getattr(zero_opt, "single_partition_of_fp32_groups", None),
-                                               getattr(zero_opt, "fp32_partitioned_groups_flat", None)), seen)
+                                               getattr(zero_opt, "fp32_partitioned_groups_flat", None),
+                                               getattr(zero_opt, "fp32_groups", None)), seen)
             mem["adam"] = storage_bytes(flat([base_opt.state[p] for p in base_opt.state]), seen)
             mem["rss"] = psutil.Process().memory_info().rss
     out = dict(stage=stage, rank=accelerator.process_index, world=accelerator.num_processes,
@@ -150,9 +155,11 @@ def launch(stage: int, args, tmp: str) -> list[dict]:
     out = os.path.join(tmp, f"zero{stage}")
     os.makedirs(out)
     cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--num_processes", "2",
-           "--num_machines", "1", "--use_deepspeed", "--deepspeed_config_file", config, "--mixed_precision", "no",
+           "--num_machines", "1", "--use_deepspeed", "--deepspeed_config_file", config, "--mixed_precision",
+           "no" if args.precision == "fp32" else "bf16",
            "--dynamo_backend", "no", os.path.abspath(__file__), "--worker", "--out", out,
-           "--preset", args.preset, "--batch", str(args.batch), "--steps", str(args.steps)]
+           "--preset", args.preset, "--batch", str(args.batch), "--steps", str(args.steps),
+           "--precision", args.precision, "--side", str(args.side), "--context", str(args.context)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     p = subprocess.run(cmd, check=False, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if p.returncode != 0:
@@ -187,6 +194,10 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     ap.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--threads", type=int, default=1, help="OMP threads per process")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--side", type=int, default=16, help="latent side (image tokens = (side/2)²); memory of "
+                    "the model states does not depend on it, bf16 runs on CPUs without bf16 units want it small")
+    ap.add_argument("--context", type=int, default=32, help="text tokens")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -200,7 +211,8 @@ def main():
     P = e["total"]
     print(f"\ntorch {torch.__version__}, deepspeed {deepspeed.__version__}; MMDiT {args.preset} "
           f"{P / 1e6:.1f}M parameters ({P * 4 / MiB:.0f} MiB fp32), largest layer {e['largest'] / 1e6:.1f}M; "
-          f"{n} processes (gloo), micro-batch {args.batch}, fp32 AdamW, {args.threads} thread(s) each")
+          f"{n} processes (gloo), micro-batch {args.batch} of {(args.side // 2) ** 2}+{args.context} tokens, "
+          f"{args.precision} AdamW, {args.threads} thread(s) each")
     print("| ZeRO | params MiB | fp32 master MiB | grads MiB | Adam MiB | **total MiB** | × ZeRO-0 "
           "| DeepSpeed estimate MiB | grads at end of backward MiB | reduce buckets allocated MiB | RSS MiB | step s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -218,11 +230,13 @@ def main():
             print(f"| {stage} | {mib['params']} | {mib['master']} | {mib['grads']} | {mib['adam']} "
                   f"| **{total / MiB:.0f}** | {ratio} | {est} | {mib['grads_unreduced']} | {mib['buckets']} "
                   f"| {mib['rss']} | {statistics.median(r['step_s'] for r in ranks):.2f} |", flush=True)
-    # The estimator's rule redone for fp32 (it assumes 16-bit params and grads), bytes per parameter:
-    # params 4 whole below ZeRO-3; fp32 master 4, Adam 8 and grads 4 partitioned from ZeRO-1 on (DeepSpeed's
-    # ZeRO-1 also keeps only its gradient partition after the post-backward reduce); ZeRO-0 has no master.
-    rule = {0: 16, 1: 4 + 16 / n, 2: 4 + 16 / n, 3: 20 / n}
-    print("fp32 rule (bytes/param × params): " + ", ".join(
+    # Bytes per parameter. fp32: params 4 whole below ZeRO-3; fp32 master 4, Adam 8 and grads 4 partitioned
+    # from ZeRO-1 on (DeepSpeed's ZeRO-1 also keeps only its gradient partition after the post-backward
+    # reduce); ZeRO-0 has no master. bf16 (the estimator's and the ZeRO paper's 16 bytes): params 2 and
+    # grads 2, master 4 and Adam 8, partitioned as above; ZeRO-0 keeps a whole master copy.
+    rule = {"fp32": {0: 16, 1: 4 + 16 / n, 2: 4 + 16 / n, 3: 20 / n},
+            "bf16": {0: 16, 1: 2 + 14 / n, 2: 2 + 14 / n, 3: 16 / n}}[args.precision]
+    print(f"{args.precision} rule (bytes/param × params): " + ", ".join(
         f"ZeRO-{s} {rule[s] * P / MiB:.0f} MiB" for s in args.stages))
 
 
