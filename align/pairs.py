@@ -22,7 +22,7 @@ import torch
 
 from base_model.data import _decode, _open_dataset, resize_center_crop
 from base_model.pickapic import REQUIRED, encode_png, pairs_dataset, write_pairs  # noqa: F401 (re-exported)
-from base_model.sampling import SOLVERS
+from base_model.sampling import add_sampler_args
 
 @dataclass
 class Pairs:
@@ -180,9 +180,7 @@ def main(argv=None):
     ap.add_argument("--threshold", type=float, default=1.0)
     ap.add_argument("--margin", type=float, default=0.0)
     ap.add_argument("--max_pairs_per_prompt", type=int, default=3)
-    ap.add_argument("--solver", default="midpoint", choices=SOLVERS)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--guidance", type=float, default=2.0)
+    add_sampler_args(ap)
     ap.add_argument("--seed", type=int, default=1_000_000)
     ap.add_argument("--output", required=True)
     args = parse_with_config(ap, argv)

@@ -12,7 +12,7 @@ import json
 import os
 
 from .mmdit import MMDiT
-from .sampling import SOLVERS, sample
+from .sampling import add_sampler_args, sample
 from .shapes import make_split, save_grid
 
 
@@ -33,10 +33,8 @@ def main(argv=None):
     ap.add_argument("--checkpoint", required=True, help="a folder with config.json + model.safetensors")
     ap.add_argument("--prompts", nargs="*", default=None)
     ap.add_argument("--output_dir", default="runs/samples")
-    ap.add_argument("--solver", default="midpoint", choices=SOLVERS)
-    ap.add_argument("--steps", type=int, default=5)
+    add_sampler_args(ap)
     ap.add_argument("--shift", type=float, default=1.0)
-    ap.add_argument("--guidance", type=float, default=2.0)
     args = ap.parse_args(argv)
 
     model = MMDiT.from_pretrained(args.checkpoint).eval()

@@ -24,6 +24,13 @@ def euler_times(steps: int, shift: float = 1.0, t_min: float = 1e-3) -> torch.Te
 SOLVERS = ("euler", "midpoint")
 
 
+def add_sampler_args(parser):
+    """--solver/--steps/--guidance with the shapes-world defaults: 5 midpoint steps at guidance 2."""
+    parser.add_argument("--solver", default="midpoint", choices=SOLVERS)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--guidance", type=float, default=2.0)
+
+
 def solve(velocity, x: torch.Tensor, times: torch.Tensor, solver: str = "euler", progress: bool = False):
     """Integrate dx/dt = v(x, t) through `times` (decreasing: dt < 0). Euler: x ← x + dt·v(x, t). Midpoint: x ← x + dt·v(x + dt/2·v(x, t), t + dt/2);
     its step into t = 0 is an Euler step, as in EDM's Heun sampler (that step starts at t_min = 1e-3)."""

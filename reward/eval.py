@@ -25,7 +25,7 @@ from base_model.adapters import load
 from base_model.cli import parse_with_config
 from base_model.data import shapes_data, to_model_space
 from base_model.flow import validation_loss
-from base_model.sampling import SOLVERS
+from base_model.sampling import add_sampler_args
 from base_model.shapes import SPLIT_OFFSETS, TASKS, make_split
 
 from . import compositional, stats
@@ -171,9 +171,7 @@ def main(argv=None):
     ap.add_argument("--n_prompts", type=int, default=200)
     ap.add_argument("--n_per_prompt", type=int, default=4)
     ap.add_argument("--scorers", nargs="+", default=["compositional"])
-    ap.add_argument("--solver", default="midpoint", choices=SOLVERS)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--guidance", type=float, default=2.0)
+    add_sampler_args(ap)
     ap.add_argument("--shift", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--val_images", type=int, default=256)

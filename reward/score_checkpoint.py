@@ -18,7 +18,7 @@ import torch
 
 from base_model.mmdit import MMDiT
 from base_model.sample import load_conditioning
-from base_model.sampling import SOLVERS, sample
+from base_model.sampling import add_sampler_args, sample
 from base_model.shapes import TASKS, make_split, save_grid
 from base_model.text import TextEmbedder
 
@@ -39,9 +39,7 @@ def main(argv=None):
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--split", default="heldout_prompts")
     ap.add_argument("--n", type=int, default=600)
-    ap.add_argument("--solver", default="midpoint", choices=SOLVERS)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--guidance", type=float, default=2.0)
+    add_sampler_args(ap)
     ap.add_argument("--shift", type=float, default=1.0, help="sampling shift of the Euler schedule")
     ap.add_argument("--output_dir", default="")
     args = ap.parse_args(argv)
