@@ -36,9 +36,9 @@ from base_model.adapters import BASE_RECORD, load, weights_sha256
 from base_model.cli import check_types, parse
 from base_model.data import to_model_space
 from base_model.flow import DENSITIES, flow_loss, sample_t
-from base_model.sampling import SOLVERS
 from base_model.pretrain import (DataOrder, _append_log, cpu_process_group, latest_checkpoint,
                                  optimizer_and_scheduler, save_checkpoint, step_generator)
+from base_model.sampling import GUIDANCE, SOLVER, SOLVERS, STEPS
 from base_model.shapes import save_grid
 
 from .loss import LOSS_TYPES, dpo_loss
@@ -96,9 +96,9 @@ class DPOConfig:
     eval_steps: int = 200  # sample grid of fixed prompts and seeds
     save_steps: int = 200
     save_total_limit: int = 2
-    sample_solver: str = "midpoint"  # for the grids and online rounds: "euler" or "midpoint"
-    sample_steps: int = 5
-    guidance: float = 2.0
+    sample_solver: str = SOLVER  # for the grids and online rounds: "euler" or "midpoint"
+    sample_steps: int = STEPS
+    guidance: float = GUIDANCE
     num_samples: int = 16
     report_to: str = "wandb"
     resume_from_checkpoint: str = ""

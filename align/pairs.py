@@ -22,7 +22,7 @@ import torch
 
 from base_model.data import _decode, _open_dataset, resize_center_crop
 from base_model.pickapic import REQUIRED, encode_png, pairs_dataset, write_pairs  # noqa: F401 (re-exported)
-from base_model.sampling import add_sampler_args
+from base_model.sampling import GUIDANCE, SOLVER, STEPS, add_sampler_args
 
 @dataclass
 class Pairs:
@@ -135,9 +135,9 @@ def prompts_from(spec: str, n: int, seed_offset: int = 0) -> list[str]:
 
 
 def on_policy_pairs(gen, prompts: list[str], k: int, reward: str, rule: str = "threshold",
-                    threshold: float = 1.0, margin: float = 0.0, max_pairs: int = 3, steps: int = 5,
-                    guidance: float = 2.0, seed: int = 0, model_name: str = "policy",
-                    batch_size: int = 256, solver: str = "midpoint") -> tuple[list[dict], dict]:
+                    threshold: float = 1.0, margin: float = 0.0, max_pairs: int = 3, steps: int = STEPS,
+                    guidance: float = GUIDANCE, seed: int = 0, model_name: str = "policy",
+                    batch_size: int = 256, solver: str = SOLVER) -> tuple[list[dict], dict]:
     """Sample K images per prompt from `gen` (a `base_model.adapters.Loaded`; seed = seed + prompt·K + j,
     recorded), score them, pick pairs. Returns (Pick-a-Pic rows, {"summary", "scores", "seeds"})."""
     from base_model.shapes import to_uint8

@@ -29,7 +29,7 @@ from .cli import check_types, parse
 from .data import ImageCaptions, load_image_captions, shapes_data, to_model_space
 from .flow import DENSITIES, flow_loss, sample_t, validation_loss
 from .mmdit import PRESETS, MMDiT, preset
-from .sampling import SOLVERS, sample
+from .sampling import GUIDANCE, SOLVER, SOLVERS, STEPS, sample
 from .shapes import save_grid
 
 
@@ -76,9 +76,9 @@ class PretrainConfig:
     eval_steps: int = 250  # validation loss and a sample grid
     save_steps: int = 500
     save_total_limit: int = 2  # older checkpoints are deleted
-    sample_solver: str = "midpoint"  # for the sample grids: "euler" or "midpoint"
-    sample_steps: int = 5
-    guidance: float = 2.0
+    sample_solver: str = SOLVER  # for the sample grids: "euler" or "midpoint"
+    sample_steps: int = STEPS
+    guidance: float = GUIDANCE
     num_samples: int = 16
     report_to: str = "wandb"  # "wandb" (offline without an account) or "none"
     resume_from_checkpoint: str = ""  # "latest" or a checkpoint folder

@@ -25,7 +25,7 @@ from base_model.adapters import load
 from base_model.cli import parse_with_config
 from base_model.data import shapes_data, to_model_space
 from base_model.flow import validation_loss
-from base_model.sampling import add_sampler_args
+from base_model.sampling import GUIDANCE, SOLVER, STEPS, add_sampler_args
 from base_model.shapes import SPLIT_OFFSETS, TASKS, make_split
 
 from . import compositional, stats
@@ -39,9 +39,9 @@ class EvalConfig:
     n_prompts: int = 200
     n_per_prompt: int = 4
     scorers: list[str] = field(default_factory=lambda: ["compositional"])
-    solver: str = "midpoint"  # 5 midpoint steps (9 calls) score as 20 Euler steps on the toy preset
-    steps: int = 5
-    guidance: float = 2.0
+    solver: str = SOLVER
+    steps: int = STEPS
+    guidance: float = GUIDANCE
     shift: float = 1.0
     seed: int = 0
     val_images: int = 256  # shapes-world validation images for the 8-level validation loss (0: skip)

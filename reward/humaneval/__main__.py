@@ -38,6 +38,7 @@ def main(argv=None):
     c.add_argument("--votes_per_item", type=int, default=3, help="annotators wanted per item")
     c.add_argument("--db", required=True)
     c.add_argument("--images", required=True, help="folder for the PNGs (created)")
+    # base_model.sampling's defaults, spelled out so that `serve` starts without importing torch
     c.add_argument("--solver", default="midpoint", choices=("euler", "midpoint"))
     c.add_argument("--steps", type=int, default=5)
     c.add_argument("--guidance", type=float, default=2.0)
@@ -77,8 +78,9 @@ def run(args, ap):
         if len(args.model) != 2 or len(models) != 2:
             ap.error("--model: give exactly two, with different names (A, then B)")
         prompts = study.read_prompts(args.prompts, args.n_prompts)
-        admin = study.create(args.db, args.images, models, prompts, args.n_per_prompt, args.votes_per_item,
-                             args.steps, args.guidance, args.shift, args.seed, args.solver)
+        sampler = {"solver": args.solver, "steps": args.steps, "guidance": args.guidance, "shift": args.shift}
+        admin = study.create(args.db, args.images, models, prompts, sampler, args.n_per_prompt, args.votes_per_item,
+                             args.seed)
         print(f"study {args.db}: {len(prompts) * args.n_per_prompt} items from {len(prompts)} prompts, images in "
               f"{args.images}\nadmin page: /admin/{admin}/ (keep it secret; `invite --admin` replaces it)")
     elif args.command == "invite":

@@ -88,15 +88,14 @@ def create_study(db_path: str, images: str, models: dict[str, str], items: list[
     return admin
 
 
-def create(db_path: str, images: str, models: dict[str, str], prompts: list[str], n_per_prompt: int = 2,
-           votes_per_item: int = 3, steps: int = 5, guidance: float = 2.0, shift: float = 1.0,
-           seed: int = 0, solver: str = "midpoint") -> str:
-    """Sample both models on every prompt with seeds seed + p·n_per_prompt + j, then `create_study`."""
+def create(db_path: str, images: str, models: dict[str, str], prompts: list[str], sampler: dict,
+           n_per_prompt: int = 2, votes_per_item: int = 3, seed: int = 0) -> str:
+    """Sample both models on every prompt with seeds seed + p·n_per_prompt + j, then `create_study`.
+    `sampler`: solver, steps, guidance, shift (the CLI's defaults are the shapes world's)."""
     if os.path.exists(db_path):  # fail before minutes of sampling, not after
         raise FileExistsError(f"{db_path!r} exists; a study is created once (pick another --db)")
     captions = [p for p in prompts for _ in range(n_per_prompt)]
     seeds = [seed + i for i in range(len(captions))]
-    sampler = {"solver": solver, "steps": steps, "guidance": guidance, "shift": shift}
     a, b = (sample_images(spec, captions, seeds, sampler) for spec in models.values())
     info = {**sampler, "seed": seed, "n_per_prompt": n_per_prompt}
     return create_study(db_path, images, models, list(zip(captions, seeds, a, b)), votes_per_item, info)
