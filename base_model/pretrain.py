@@ -190,6 +190,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, keep: int, state: d
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()  # every rank's shards are written before the folder is renamed
     if accelerator.is_main_process:
         if write_extra is not None:
             write_extra(tmp)
