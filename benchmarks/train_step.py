@@ -19,8 +19,8 @@ from base_model.mmdit import MMDiT, MMDiTConfig
 
 CONFIGS = {
     # name: (model config, batch, image side, context length)
-    "toy 32px p4 w128 d4, 64 tok": (dict(depth=4, hidden=128, heads=2, patch_size=4, in_channels=3,
-                                         sample_size=32, pos_embed_max_size=8), 64, 32, 16),
+    "toy preset (32px p4 w128 d4 h4), 64 tok": (dict(depth=4, hidden=128, heads=4, patch_size=4, in_channels=3,
+                                                     sample_size=32, pos_embed_max_size=8), 32, 32, 16),
     "d4 w256, 256 tok": (dict(depth=4, patch_size=2, in_channels=16, sample_size=32,
                               pos_embed_max_size=16), 8, 32, 32),
 }

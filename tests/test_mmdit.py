@@ -6,7 +6,7 @@ from conftest import randomize
 from diffusers import SD3Transformer2DModel
 
 from base_model.convert import from_diffusers, to_diffusers
-from base_model.mmdit import MMDiT, MMDiTConfig, count_flops, count_params, preset
+from base_model.mmdit import GELUTanh, MMDiT, MMDiTConfig, count_flops, count_params, preset
 
 TINY = dict(depth=2, hidden=32, heads=2, patch_size=2, in_channels=3, sample_size=16,
             pos_embed_max_size=16, context_dim=12, pooled_dim=10)
@@ -131,3 +131,17 @@ def test_gradient_checkpointing_same_gradients():
         model(*args).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_gelu_tanh_matches_torch_in_value_and_gradient():
+    x = (torch.randn(4096, dtype=torch.float64) * 4).requires_grad_()
+    ours, ref = GELUTanh()(x), torch.nn.functional.gelu(x, approximate="tanh")
+    assert (ours - ref).abs().max() < 1e-12
+    g = torch.randn_like(x)
+    (gx_ours,) = torch.autograd.grad(ours, x, g)
+    (gx_ref,) = torch.autograd.grad(ref, x, g)
+    assert (gx_ours - gx_ref).abs().max() < 1e-12
+    xf = x.detach().float().requires_grad_()
+    recorded = GELUTanh()(xf)
+    with torch.no_grad():  # the path without autograd (a DPO reference) gives the same bits
+        assert torch.equal(GELUTanh()(xf), recorded.detach())
