@@ -145,3 +145,5 @@ def test_gelu_tanh_matches_torch_in_value_and_gradient():
     recorded = GELUTanh()(xf)
     with torch.no_grad():  # the path without autograd (a DPO reference) gives the same bits
         assert torch.equal(GELUTanh()(xf), recorded.detach())
+    xb = xf.detach().bfloat16()  # other dtypes (and GPUs) use torch's kernel itself
+    assert torch.equal(GELUTanh()(xb), torch.nn.functional.gelu(xb, approximate="tanh"))
