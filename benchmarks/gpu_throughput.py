@@ -21,13 +21,15 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]  # the repository and benchmarks/ (train_step's helpers)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from base_model.convert import to_diffusers  # noqa: E402
 from base_model.mmdit import MMDiT, count_flops, preset  # noqa: E402
+from train_step import velocity  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}  # dense
 
@@ -47,11 +49,7 @@ def make_step(model, ours: bool, batch: tuple, device: torch.device):
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            if ours:
-                v = model(x, t, ctx, pooled)
-            else:
-                v = model(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled,
-                          timestep=1000 * t).sample
+            v = velocity(model, ours, x, t, ctx, pooled)
         F.mse_loss(v.float(), x).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -26,15 +26,18 @@ CONFIGS = {
 }
 
 
+def velocity(model, is_ours, x, t, ctx, pooled):
+    """One forward of either model: ours takes t in [0, 1], diffusers' the timestep 1000·t."""
+    if is_ours:
+        return model(x, t, ctx, pooled)
+    return model(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=1000 * t).sample
+
+
 def step_fn(model, is_ours, x, t, ctx, pooled, dtype):
     def step():
         model.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            if is_ours:
-                v = model(x, t, ctx, pooled)
-            else:
-                v = model(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled,
-                          timestep=1000 * t).sample
+            v = velocity(model, is_ours, x, t, ctx, pooled)
         F.mse_loss(v.float(), x).backward()
     return step
 
