@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from base_model.convert import to_diffusers  # noqa: E402
-from base_model.mmdit import MMDiT, count_flops, preset  # noqa: E402
+from base_model.mmdit import MMDiT, count_flops, count_params, preset  # noqa: E402
 from train_step import velocity  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}  # dense
@@ -108,7 +108,7 @@ def main(argv=None):
     flops = 3 * count_flops(cfg, args.latent, args.context) * B
     peak = peak_tflops(device, args.peak_tflops)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    params = sum(p.numel() for p in MMDiT(cfg).parameters()) / 1e6
+    params = count_params(cfg) / 1e6  # shapes only, no second model
     print(f"{name}, torch {torch.__version__}, {args.blocks} blocks of width {cfg.hidden} ({params:.0f}M params), "
           f"batch {B}, {(args.latent // cfg.patch_size) ** 2}+{args.context} tokens, bf16 autocast"
           f"{', compiled' if args.compile else ''}; medians of {args.windows} windows of {args.steps} steps")
