@@ -1,8 +1,8 @@
 """LoRA adapters on the MM-DiT through peft, and a quantised frozen base (QLoRA-style).
 
 The reference model of DPO is the same network with its adapter disabled
-(`with model.disable_adapter():`), or with a frozen copy of an earlier adapter (online rounds):
-never a second copy of the base.
+(`with model.disable_adapter():`), or a frozen copy of an earlier adapter (`snapshot_adapter`,
+online training): never a second copy of the base.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import torch.nn as nn
 
 # q/k/v (fused per stream), attention output and both MLP layers of both streams
 DEFAULT_TARGETS = ["qkv", "out", "mlp.0", "mlp.2"]
-REF = "ref"  # name of the frozen reference adapter in online rounds
 
 
 def add_lora(model: nn.Module, r: int = 16, alpha: int = 16, targets=None, dropout: float = 0.0,
@@ -26,16 +25,22 @@ def add_lora(model: nn.Module, r: int = 16, alpha: int = 16, targets=None, dropo
     return get_peft_model(model, config)
 
 
-def freeze_reference(peft_model) -> None:
-    """Copy the current (default) adapter into a frozen `ref` adapter: the next round's reference."""
+def snapshot_adapter(peft_model, name: str, decay: float = 0.0) -> None:
+    """A frozen copy of the policy adapter ("default") under `name`, created when missing:
+    name ← decay·name + (1 − decay)·default (decay 0: a plain copy). Online DPO's moving reference
+    and DiffusionNFT's old (sampling) policy are such copies: one base, several small adapters."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     state = get_peft_model_state_dict(peft_model, adapter_name="default")
-    if REF not in peft_model.peft_config:
-        peft_model.add_adapter(REF, peft_model.peft_config["default"])
-    set_peft_model_state_dict(peft_model, state, adapter_name=REF)
-    for name, p in peft_model.named_parameters():
-        if f".{REF}." in name:
+    if name not in peft_model.peft_config:
+        peft_model.add_adapter(name, peft_model.peft_config["default"])
+        decay = 0.0
+    if decay:
+        old = get_peft_model_state_dict(peft_model, adapter_name=name)
+        state = {k: decay * old[k] + (1 - decay) * v for k, v in state.items()}
+    set_peft_model_state_dict(peft_model, {k: v.detach().clone() for k, v in state.items()}, adapter_name=name)
+    for param_name, p in peft_model.named_parameters():
+        if f".{name}." in param_name:
             p.requires_grad_(False)
     peft_model.set_adapter("default")
 

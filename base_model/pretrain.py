@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import shutil
 import time
@@ -22,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
-from transformers import SchedulerType, get_scheduler
+from transformers import SchedulerType
 
 from .adapters import load
 from .cli import check_types, parse
@@ -31,6 +30,8 @@ from .flow import DENSITIES, flow_loss, sample_t, validation_loss
 from .mmdit import PRESETS, MMDiT, preset
 from .sampling import GUIDANCE, SOLVER, SOLVERS, STEPS, sample
 from .shapes import save_grid
+from .training import (DataOrder, append_log, check_finite, clip_and_step, configure_deepspeed,
+                       make_accelerator, optimizer_and_scheduler, resolve_resume, save_checkpoint, step_generator)
 
 
 @dataclass
@@ -107,29 +108,8 @@ class PretrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers: data order, per-step randomness, EMA, checkpoints
+# Helpers: EMA (the rest is shared with the other stages: base_model/training.py)
 # ---------------------------------------------------------------------------------------------
-
-
-class DataOrder:
-    """Sample i of the run is perm_e[i mod N] with perm_e a seeded permutation of epoch e."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self._perms = n, seed, {}
-
-    def indices(self, start: int, count: int) -> torch.Tensor:
-        pos = torch.arange(start, start + count)
-        out = torch.empty(count, dtype=torch.long)
-        for e in pos.div(self.n, rounding_mode="floor").unique().tolist():
-            if e not in self._perms:
-                self._perms = {e: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e))}
-            sel = pos // self.n == e
-            out[sel] = self._perms[e][pos[sel] % self.n]
-        return out
-
-
-def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + micro)
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -158,61 +138,6 @@ def full_params(model, accelerator) -> dict:
 def _zero_stage(accelerator) -> int:
     plugin = accelerator.state.deepspeed_plugin
     return plugin.zero_stage if plugin is not None else -1
-
-
-def optimizer_and_scheduler(cfg, params):
-    """AdamW (or bitsandbytes' 8-bit AdamW) and the LR schedule of a stage config with TRL's field names."""
-    if cfg.optimizer == "adamw_8bit":
-        import bitsandbytes as bnb
-        opt_cls = bnb.optim.AdamW8bit
-    else:
-        opt_cls = torch.optim.AdamW
-    optimizer = opt_cls(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                        eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-    return optimizer, get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.warmup_steps,
-                                    num_training_steps=cfg.max_steps)
-
-
-def latest_checkpoint(output_dir: str) -> str | None:
-    if not os.path.isdir(output_dir):
-        return None
-    steps = [int(d.split("-")[1]) for d in os.listdir(output_dir)
-             if d.startswith("checkpoint-") and d.split("-")[1].isdigit()]
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
-
-
-def save_checkpoint(accelerator, output_dir: str, step: int, keep: int, state: dict, write_extra=None) -> str:
-    """accelerate state + `write_extra(folder)` (e.g. the EMA) + `trainer_state.json` (`state`),
-    written to a temporary folder and renamed into place; keeps the newest `keep` checkpoints."""
-    final = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()  # every rank's shards are written before the folder is renamed
-    if accelerator.is_main_process:
-        if write_extra is not None:
-            write_extra(tmp)
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(state, f)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        old = sorted((d for d in os.listdir(output_dir) if d.startswith("checkpoint-")),
-                     key=lambda d: int(d.split("-")[1]))
-        for d in old[:-keep] if keep > 0 else []:
-            shutil.rmtree(os.path.join(output_dir, d), ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def cpu_process_group() -> list:
-    """Launched as several processes without GPUs, accelerate needs the gloo backend named, or each
-    process believes it is alone (num_processes = 1)."""
-    from accelerate.utils import InitProcessGroupKwargs
-
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +176,6 @@ def encode_all(text, vae, train, val, prompts):
 
 
 def main(cfg: PretrainConfig):
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from .text import TextEmbedder, zero_parts
@@ -266,12 +190,7 @@ def main(cfg: PretrainConfig):
         text, vae, uncond = init.text, init.space, init.uncond
     else:
         text, vae, uncond = TextEmbedder(cfg.text_encoders), image_space(cfg.image_space), None
-    if cfg.report_to == "wandb" and not os.environ.get("WANDB_API_KEY"):
-        os.environ.setdefault("WANDB_MODE", "offline")
-    accelerator = Accelerator(gradient_accumulation_steps=accum, mixed_precision=cfg.mixed_precision,
-                              log_with=None if cfg.report_to == "none" else cfg.report_to,
-                              project_dir=cfg.output_dir, kwargs_handlers=cpu_process_group(),
-                              step_scheduler_with_optimizer=False)  # one LR step per optimizer step, any world size
+    accelerator = make_accelerator(cfg.output_dir, cfg.report_to, cfg.mixed_precision, accum)
     set_seed(seed)
     world, rank = accelerator.num_processes, accelerator.process_index
     os.makedirs(cfg.output_dir, exist_ok=True)
@@ -291,14 +210,11 @@ def main(cfg: PretrainConfig):
                       f"{len(train)} training images, {len(enc['context'])} distinct captions, {world} process(es)")
 
     optimizer, scheduler = optimizer_and_scheduler(cfg, model.parameters())
-    if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed needs these before prepare
-        ds = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds["train_micro_batch_size_per_gpu"] = B
-        ds["gradient_clipping"] = cfg.max_grad_norm
+    configure_deepspeed(accelerator, B, cfg.max_grad_norm)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     start = 0
-    resume = latest_checkpoint(cfg.output_dir) if cfg.resume_from_checkpoint == "latest" else cfg.resume_from_checkpoint
+    resume = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
     if resume:
         accelerator.load_state(resume)
         with open(os.path.join(resume, "trainer_state.json")) as f:
@@ -335,16 +251,11 @@ def main(cfg: PretrainConfig):
             with accelerator.accumulate(model):
                 loss = flow_loss(model, x0, noise, t, context, pooled).mean()
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and accelerator.state.deepspeed_plugin is None:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                clip_and_step(accelerator, model, optimizer, cfg.max_grad_norm)
             step_loss += loss.detach() / accum
         scheduler.step()
         step_loss = accelerator.reduce(step_loss, "mean").item()
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"loss is {step_loss} at step {step + 1}; stopping. "
-                                     f"Last good checkpoint: {last_ckpt or 'none'}")
+        check_finite(step_loss, step + 1, last_ckpt)
         if ema is not None:
             ema_update(ema, full_params(model, accelerator), ema_decay_at(step, cfg.ema_decay))
         history.append(step_loss)
@@ -354,7 +265,7 @@ def main(cfg: PretrainConfig):
                     "train/samples_per_s": len(history) * micro_global * accum / (time.time() - t0)}
             bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
             accelerator.log(logs, step=done)
-            _append_log(cfg.output_dir, accelerator, {"step": done, **logs})
+            append_log(cfg.output_dir, accelerator, {"step": done, **logs})
             history, t0 = [], time.time()
         if done % cfg.eval_steps == 0 or done == cfg.max_steps:
             evaluate(model, ema, enc, prompts, cfg, accelerator, done, vae, uncond)
@@ -379,7 +290,7 @@ def evaluate(model, ema, enc, prompts, cfg, accelerator, step, vae, uncond=None)
                           seed=cfg.seed)
     accelerator.log({"val/loss": val["loss"], **{f"val/loss_t{i}": v for i, v in enumerate(val["loss_t"])}},
                     step=step)
-    _append_log(cfg.output_dir, accelerator, {"step": step, "val/loss": val["loss"]})
+    append_log(cfg.output_dir, accelerator, {"step": step, "val/loss": val["loss"]})
     if accelerator.is_main_process:
         net = ema if ema is not None else accelerator.unwrap_model(model)
         p = enc["prompt_ids"]
@@ -409,12 +320,6 @@ def save_final(model, ema, accelerator, path, conditioning: dict):
         os.replace(tmp, path)
         accelerator.print(f"final model: {path}")
     accelerator.wait_for_everyone()
-
-
-def _append_log(output_dir, accelerator, row: dict):
-    if accelerator.is_main_process:
-        with open(os.path.join(output_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

@@ -88,3 +88,60 @@ def sample(model, context: torch.Tensor, pooled: torch.Tensor, seeds, image_shap
         with torch.inference_mode():  # ~5% faster than no_grad; the cat below makes a normal tensor
             out.append(solve(v, x, times, solver).cpu())
     return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The SDE with the ODE's marginals (Flow-GRPO), for policy-gradient training
+# ---------------------------------------------------------------------------------------------
+
+
+def sde_sigma(t: torch.Tensor, a: float, t_cap: float) -> torch.Tensor:
+    """σ_t = a·sqrt(t / (1 − t)) (Flow-GRPO eq. 9), with t capped at `t_cap` < 1 so σ stays finite
+    at t = 1 (the reference code caps it at the schedule's second time)."""
+    t = t.clamp(max=t_cap)
+    return a * torch.sqrt(t / (1 - t))
+
+
+def sde_step(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float, sigma: float,
+             noise: torch.Tensor | None = None):
+    """One Euler–Maruyama step from t to t_next < t of the reverse SDE whose marginals are the
+    probability-flow ODE's (t = 1 is noise, x_t = (1−t)·x0 + t·ε, v = ε − x0, so the score is
+    −(x + (1−t)·v)/t):
+
+        mean = x + dt·[v + σ²/(2t)·(x + (1−t)·v)],   std = σ·sqrt(−dt),   dt = t_next − t < 0
+
+    Returns (x_next, mean, std); x_next = mean + std·noise (noise None: the mean itself).
+    σ = 0 is the Euler step of the ODE. t, t_next and σ are floats or broadcast against x."""
+    dt = t_next - t
+    mean = x + dt * (v + sigma ** 2 / (2 * t) * (x + (1 - t) * v))
+    std = sigma * (-dt) ** 0.5
+    return (mean if noise is None else mean + std * noise), mean, std
+
+
+def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std) -> torch.Tensor:
+    """log N(x; mean, std²·I) averaged over all but the batch dimension (Flow-GRPO's convention:
+    a mean, not a sum, so the ratio's scale does not grow with the image size). `std` is a float
+    or broadcasts against x (one σ per row: shape (B, 1, 1, 1))."""
+    import math
+
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device)
+    lp = -((x - mean) ** 2) / (2 * std ** 2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return lp.mean(tuple(range(1, x.dim())))
+
+
+def sde_solve(velocity, x: torch.Tensor, times: torch.Tensor, a: float, noise_fn, window: range | None = None):
+    """Sample with the SDE of `sde_step` (σ_t = a·sqrt(t/(1−t)), capped at the second time) on the
+    steps in `window` (all steps when None) and the ODE's Euler step elsewhere (Flow-GRPO-Fast).
+    `noise_fn(j)` gives step j's standard normal noise (B, …). Returns (x0, transitions): one
+    (j, x_t, x_next, std) for each stochastic step, the states a policy-gradient step needs."""
+    t_cap = float(times[1]) if len(times) > 2 else 0.5
+    transitions = []
+    for j, (t, t_next) in enumerate(zip(times[:-1].tolist(), times[1:].tolist())):
+        v = velocity(x, torch.full((len(x),), t, device=x.device))
+        stochastic = (window is None or j in window) and t_next > 0
+        sigma = float(sde_sigma(torch.tensor(t), a, t_cap)) if stochastic else 0.0
+        x_next, _, std = sde_step(x, v, t, t_next, sigma, noise_fn(j).to(x) if stochastic else None)
+        if stochastic:
+            transitions.append((j, x, x_next, std))
+        x = x_next
+    return x, transitions

@@ -5,6 +5,7 @@ which carry their layout). A spec is "NAME" or "NAME:PATH" (a local model folder
 
     compositional          the shapes world's reference scorer (graded; 1.0 exactly when correct)
     other NAME[:PATH]      module `reward.NAME` with `load(path) -> score(images, prompts)`
+    py:MODULE:FUNCTION     your own `score(images, prompts)` function, imported by name
 
 The compositional score is the graded fraction of the prompt's attributes satisfied.
 """
@@ -33,6 +34,12 @@ SCORERS = {"compositional": compositional_score}
 
 
 def get_scorer(spec: str):
+    if spec.startswith("py:"):
+        module, _, attr = spec[3:].partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"reward {spec!r}: cannot import {attr!r} from {module!r} ({e})") from e
     name, _, path = spec.partition(":")
     if name in SCORERS:
         return SCORERS[name]

@@ -1,0 +1,283 @@
+"""Which alignment method pays: every method on one base, several training seeds, held-out prompts.
+
+    python -m align.compare --config configs/compare/toy.yaml
+
+Each entry of `methods` is a training command (`align.online`, or `align.dpo` on the offline pairs
+this driver makes once with `align.pairs`) run once per seed with `--seed S`, or `best_of_n`, the
+inference-time baseline: N samples of the base per image, the reward picks one, with N set so that it
+spends the reward calls of the method it names. Every model is judged by the exact compositional
+checker on the same prompts and seeds (image j of prompt i has seed i·k + j) of each split.
+
+Runs are cached: a run whose folder holds `result.json` for the same command is not run again, so
+the comparison resumes where it stopped. Writes `compare.json` (per method and split: mean accuracy,
+the gain over the base with a 95% CI from a bootstrap over seeds and prompts, reward calls, training
+seconds) and `compare.html` (the table and plots of accuracy against reward calls and wall time).
+Settings are tuned on `val` only; the reported splits are never used to choose them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import yaml
+
+
+@dataclass
+class CompareConfig:
+    base: str  # the checkpoint every method starts from
+    methods: dict  # name → {module, config, flags} or {best_of_n: METHOD}
+    output_dir: str = "runs/compare"
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    splits: list = field(default_factory=lambda: ["heldout_prompts", "heldout_combos"])
+    n_prompts: int = 200
+    n_per_prompt: int = 4
+    pairs: dict = field(default_factory=dict)  # flags of align.pairs for the offline methods
+    reward: str = "compositional"  # the reward best-of-N selects with
+
+
+def load_config(path: str, overrides: dict) -> CompareConfig:
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        cfg = CompareConfig(**raw)
+    except TypeError as e:
+        raise ValueError(f"{path}: {e}") from e
+    for name, m in cfg.methods.items():
+        keys = set(m)
+        if "best_of_n" in m:
+            if m["best_of_n"] not in cfg.methods:
+                raise ValueError(f"{path}: methods.{name}.best_of_n names {m['best_of_n']!r}, not a method")
+        elif not keys <= {"module", "config", "flags"} or "module" not in keys:
+            raise ValueError(f"{path}: methods.{name} needs 'module' (and optionally 'config', 'flags'); got {sorted(keys)}")
+    return cfg
+
+
+def _command(module: str, config: str | None, flags: dict) -> list[str]:
+    cmd = [sys.executable, "-m", module] + (["--config", config] if config else [])
+    for k, v in flags.items():
+        cmd += [f"--{k}", *(map(str, v) if isinstance(v, list) else [str(v)])]
+    return cmd
+
+
+def _key(cmd: list[str], config: str | None) -> str:
+    text = json.dumps(cmd[1:]) + (open(config).read() if config else "")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_cached(cmd: list[str], config: str | None, folder: str, collect) -> dict:
+    """Run `cmd` unless `folder/result.json` records the same command; `collect()` → the result."""
+    key, done = _key(cmd, config), os.path.join(folder, "result.json")
+    if os.path.isfile(done):
+        with open(done) as f:
+            result = json.load(f)
+        if result.get("key") == key:
+            return result
+    print(f"\n[compare] {' '.join(cmd)}", flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, check=True)
+    result = {"key": key, "command": cmd, "wall_s": time.time() - t0, **collect()}
+    with open(done + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(done + ".tmp", done)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Judging: per-image correctness on a split, the same seeds for every model
+# ---------------------------------------------------------------------------------------------
+
+
+def judge(spec: str, split: str, n_prompts: int, k: int, best_of: int = 1, reward: str = "compositional") -> dict:
+    """Per-image correctness (n·k,) and task of `spec` on `split`. With `best_of` N > 1, each image
+    is the one of N candidates (seeds (i·k + j)·N + n + 10⁹) that `reward` scores highest."""
+    from base_model.adapters import load
+    from base_model.sampling import GUIDANCE, SOLVER, STEPS
+    from base_model.shapes import make_split
+    from reward import compositional
+    from reward.scorers import get_scorer
+
+    scenes = make_split(split, n_prompts)
+    gen = load(spec)
+    context, pooled = gen.text.encode([s.caption for s in scenes])
+    rep = torch.arange(len(scenes)).repeat_interleave(k * best_of)
+    seeds = list(range(len(scenes) * k)) if best_of == 1 else \
+        [10 ** 9 + i * best_of + n for i in range(len(scenes) * k) for n in range(best_of)]
+    images = gen.generate(None, seeds, STEPS, GUIDANCE, batch_size=256, context=(context[rep], pooled[rep]),
+                          solver=SOLVER, progress=False)
+    targets = [scenes[i] for i in rep.tolist()]
+    if best_of > 1:
+        scores = get_scorer(reward)(images, [s.caption for s in targets]).view(-1, best_of)
+        pick = scores.argmax(1) + torch.arange(len(scores)) * best_of
+        images, targets = images[pick], [targets[i] for i in pick.tolist()]
+    judged = [compositional.judge(img, s) for img, s in zip(images, targets)]
+    return {"correct": [float(j.correct) for j in judged], "task": [j.task for j in judged]}
+
+
+def gain_ci(base: np.ndarray, runs: list[np.ndarray], k: int, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean over seeds of (accuracy − base accuracy), with a 95% bootstrap CI that resamples seeds,
+    then prompts (the same prompts for every seed and for the base: the comparison is paired)."""
+    diffs = np.stack([r - base for r in runs]).reshape(len(runs), -1, k).mean(2)  # (seeds, prompts)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        s = rng.integers(len(runs), size=len(runs))
+        p = rng.integers(diffs.shape[1], size=diffs.shape[1])
+        boots.append(diffs[s][:, p].mean())
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return {"mean": float(diffs.mean()), "ci95": [float(lo), float(hi)],
+            "per_seed": [float(d.mean()) for d in diffs]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--base")
+    ap.add_argument("--output_dir")
+    ap.add_argument("--seeds", type=int, nargs="+")
+    ap.add_argument("--n_prompts", type=int)
+    ap.add_argument("--methods", nargs="+", help="run only these methods of the config")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, {"base": args.base, "output_dir": args.output_dir, "seeds": args.seeds,
+                                    "n_prompts": args.n_prompts})
+    methods = {m: cfg.methods[m] for m in (args.methods or cfg.methods)}
+    out, k = cfg.output_dir, cfg.n_per_prompt
+    os.makedirs(out, exist_ok=True)
+
+    def judged(spec, folder, split, best_of=1):
+        path = os.path.join(folder, f"judged-{split}-{cfg.n_prompts}x{k}" + (f"-bo{best_of}" if best_of > 1 else "")
+                            + ".json")
+        if not os.path.isfile(path):
+            res = judge(spec, split, cfg.n_prompts, k, best_of, cfg.reward)
+            os.makedirs(folder, exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump(res, f)
+            os.replace(path + ".tmp", path)
+        with open(path) as f:
+            return json.load(f)
+
+    base = {s: np.array(judged(cfg.base, os.path.join(out, "base"), s)["correct"]) for s in cfg.splits}
+    pairs_dir = os.path.join(out, "pairs")
+    if any(m.get("module") == "align.dpo" for m in methods.values()):
+        cmd = _command("align.pairs", None, {**cfg.pairs, "base": cfg.base, "output": pairs_dir})
+        run_cached(cmd, None, pairs_dir + "-run", lambda: {})
+
+    results = {"config": asdict(cfg), "base": {s: float(v.mean()) for s, v in base.items()}, "methods": {}}
+    trained = {}
+    for name, m in methods.items():
+        if "best_of_n" in m:
+            continue
+        runs = []
+        for seed in cfg.seeds:
+            folder = os.path.join(out, name, f"seed-{seed}")
+            flags = {**m.get("flags", {}), "base": cfg.base, "output_dir": folder, "seed": seed}
+            if m["module"] == "align.dpo":
+                flags["pairs"] = pairs_dir
+            cmd = _command(m["module"], m.get("config"), flags)
+            runs.append(run_cached(cmd, m.get("config"), folder, lambda f=folder: _train_record(f)))
+        trained[name] = runs
+    for name, m in methods.items():
+        entry = {"splits": {}}
+        if "best_of_n" in m:
+            calls = np.mean([r["reward_calls"] for r in trained[m["best_of_n"]]])
+            n = max(2, int(round(calls / (cfg.n_prompts * k))))
+            entry.update(best_of=n, reward_calls=n * cfg.n_prompts * k, train_seconds=0.0)
+            per_split = {s: [np.array(judged(cfg.base, os.path.join(out, name), s, n)["correct"])] for s in cfg.splits}
+        else:
+            runs = trained[name]
+            entry.update(reward_calls=float(np.mean([r["reward_calls"] for r in runs])),
+                         train_seconds=float(np.mean([r["wall_s"] for r in runs])))
+            per_split = {s: [np.array(judged(os.path.join(out, name, f"seed-{seed}", "final"),
+                                             os.path.join(out, name, f"seed-{seed}"), s)["correct"])
+                             for seed in cfg.seeds] for s in cfg.splits}
+        for s, arrays in per_split.items():
+            entry["splits"][s] = {"accuracy": float(np.mean(arrays)), "gain": gain_ci(base[s], arrays, k)}
+        results["methods"][name] = entry
+        with open(os.path.join(out, "compare.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    write_html(results, os.path.join(out, "compare.html"))
+    for line in table(results):
+        print(line)
+
+
+def _train_record(folder: str) -> dict:
+    """Reward calls of a run: the online loop records them; offline DPO spent the pairs' calls."""
+    with open(os.path.join(folder, "final", "flowalign_base.json")) as f:
+        record = json.load(f)
+    if "reward_calls" in record:
+        return {"reward_calls": record["reward_calls"], "train_seconds": record.get("train_seconds")}
+    info = os.path.join(record["dpo_config"]["pairs"], "pairs_info.json")
+    calls = 0
+    if os.path.isfile(info):
+        with open(info) as f:
+            s = json.load(f)["summary"]
+        calls = s["prompts"] * s["k"]
+    return {"reward_calls": calls, "train_seconds": None}
+
+
+def table(results: dict) -> list[str]:
+    splits = results["config"]["splits"]
+    head = f"{'method':14s} {'reward calls':>12s} {'train s':>8s} " + " ".join(f"{s + ' gain [95% CI]':>34s}" for s in splits)
+    lines = [head, f"{'base':14s} {'':>12s} {'':>8s} " + " ".join(f"{'acc ' + format(results['base'][s], '.1%'):>34s}"
+                                                                  for s in splits)]
+    for name, e in results["methods"].items():
+        cells = []
+        for s in splits:
+            g = e["splits"][s]["gain"]
+            cells.append(f"{e['splits'][s]['accuracy']:.1%} {g['mean'] * 100:+.1f} [{g['ci95'][0] * 100:+.1f}, "
+                         f"{g['ci95'][1] * 100:+.1f}]")
+        lines.append(f"{name:14s} {e['reward_calls']:12.0f} {e['train_seconds']:8.0f} " + " ".join(f"{c:>34s}" for c in cells))
+    return lines
+
+
+def write_html(results: dict, path: str):
+    import base64
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    split = results["config"]["splits"][0]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, e in results["methods"].items():
+        g = e["splits"][split]["gain"]
+        acc = e["splits"][split]["accuracy"] * 100
+        err = [[g["mean"] * 100 - g["ci95"][0] * 100], [g["ci95"][1] * 100 - g["mean"] * 100]]
+        for ax, x in zip(axes, (e["reward_calls"], e["train_seconds"])):
+            ax.errorbar([x], [acc], yerr=err, fmt="o", capsize=3, label=name)
+    for ax, label in zip(axes, ("reward calls in training", "training wall time (s)")):
+        ax.axhline(results["base"][split] * 100, color="grey", ls="--", label="base")
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"accuracy on {split} (%)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    img = base64.b64encode(buf.getvalue()).decode()
+    rows = "\n".join(f"<tr><td>{line}</td></tr>" for line in table(results))
+    html = (f"<!doctype html><meta charset=utf-8><title>flowalign: which alignment method pays</title>"
+            f"<h1>Which alignment method pays</h1><p>Gain = accuracy − base accuracy, mean over seeds "
+            f"{results['config']['seeds']}, 95% CI by bootstrap over seeds and prompts.</p>"
+            f"<table><pre>{rows}</pre></table><img src='data:image/png;base64,{img}'>")
+    with open(path + ".tmp", "w") as f:
+        f.write(html)
+    os.replace(path + ".tmp", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,527 @@
+"""Online preference training of a LoRA policy: sample, score, train, repeat.
+
+    python -m align.online --config configs/online/toy.yaml --base runs/toy/final --output_dir runs/nft
+    python -m align.online --config configs/online/toy.yaml --method dpo --base … --output_dir runs/odpo
+    accelerate launch --num_processes 2 --use_deepspeed --deepspeed_config_file configs/deepspeed/zero2.json \
+        -m align.online --config configs/online/toy.yaml --base … --output_dir …
+
+Each round draws `prompts_per_round` prompts, samples a group of `k` images per prompt from the
+policy, scores them with the reward (any of `reward.scorers`, or a weighted sum), and takes
+`steps_per_round` optimizer steps on the method's signal (the math is in `align/loss.py`):
+
+    dpo    best vs worst image of each group (groups with no spread are skipped and counted), the
+           Diffusion-DPO loss with shared noise and t; the reference is a frozen copy of the adapter
+           refreshed every `ref_update_steps` optimizer steps (0: the base itself)
+    nft    DiffusionNFT: group-normalised rewards → optimality probabilities; implicit positive and
+           negative policies around the sampling ("old") adapter; flow matching on the clean samples.
+           The old adapter follows the policy after each round (`old_decay` 0: a copy)
+    grpo   Flow-GRPO: the SDE sampler (noise level `sde_a`) with per-step Gaussian log-probabilities,
+           group-relative advantages, a clipped ratio, KL to the base with `kl_beta`; trains on
+           `grpo_steps` sampling steps (fewer than evaluation uses), optionally on a window of them
+    raft   the control: flow matching on the policy's own samples that reach `raft_threshold`
+
+Every random draw comes from (seed, round) or (seed, step), never from the process: 1 and N processes
+run the same training. Each process samples a contiguous share of the round's prompts and the groups
+are gathered in prompt order. Output: `final/` (PEFT adapter + its base's path and SHA-256, loadable
+by every `--model` flag), `checkpoint-N/` (atomic, `--resume_from_checkpoint latest`), `log.jsonl`
+(a row per round: mean reward, zero-spread share, the method's metrics, images/s, reward calls,
+elapsed seconds), `samples/round-R.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from tqdm.auto import tqdm
+
+from base_model.adapters import load, weights_sha256
+from base_model.cli import check_types, parse
+from base_model.flow import DENSITIES, flow_loss, interpolate, sample_t
+from base_model.sampling import (GUIDANCE, SOLVER, SOLVERS, STEPS, euler_times, gaussian_logprob,
+                                 noise_from_seeds, sample, sde_solve, sde_step, with_cfg)
+from base_model.training import (DataOrder, append_log, check_finite, clip_and_step, configure_deepspeed,
+                                 make_accelerator, optimizer_and_scheduler, resolve_resume, save_checkpoint,
+                                 step_generator)
+
+from .dpo import sample_grid, save_adapter
+from .loss import dpo_loss, group_advantages, grpo_loss, nft_loss, optimality_probability
+from .lora import DEFAULT_TARGETS, add_lora, snapshot_adapter
+from .pairs import prompts_from
+
+METHODS = ("dpo", "nft", "grpo", "raft")
+OLD, REF = "old", "ref"  # frozen adapters: NFT's sampling policy, online DPO's moving reference
+
+
+@dataclass
+class OnlineConfig:
+    base: str = ""  # checkpoint or SD3 folder the LoRA policy is trained on
+    method: str = "nft"  # "dpo", "nft", "grpo" or "raft" (see the module doc)
+    # rounds: prompts, groups, rewards
+    prompts: str = "train"  # a shapes-world split or a text file of prompts
+    prompts_per_round: int = 32
+    k: int = 8  # group size: samples per prompt
+    rounds: int = 20
+    steps_per_round: int = 4  # optimizer steps on each round's samples
+    reward: list[str] = field(default_factory=lambda: ["compositional"])  # reward.scorers specs, summed
+    reward_weights: list[float] = field(default_factory=list)  # one per reward (empty: all 1)
+    # sampling of the rounds (nft, dpo, raft: any solver; grpo: its SDE)
+    sample_solver: str = SOLVER
+    sample_steps: int = STEPS
+    guidance: float = GUIDANCE
+    # training times for the flow-matching objectives (dpo, nft, raft)
+    timestep_density: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    shift: float = 1.0
+    # online DPO
+    beta: float = 500.0  # Diffusion-DPO's β on the velocity loss
+    sft_weight: float = 0.0
+    ref_update_steps: int = 0  # refresh the reference to the policy every N optimizer steps (0: the base)
+    # DiffusionNFT
+    nft_beta: float = 1.0  # how far the implicit policies sit from the old one
+    adv_clip_max: float = 1.0  # advantages clipped to ±this before mapping to r ∈ [0, 1]
+    old_decay: float = 0.0  # old ← decay·old + (1 − decay)·policy after each round
+    # Flow-GRPO
+    grpo_steps: int = 10  # Euler SDE steps of the training rollouts
+    sde_a: float = 0.7  # σ_t = a·sqrt(t/(1−t))
+    sde_window: int = 0  # train only on a random window of this many steps per round (0: every step)
+    clip_range: float = 1e-4
+    kl_beta: float = 0.04
+    # RAFT
+    raft_threshold: float = 1.0  # samples scoring at least this are imitated
+    # adapters and optimisation
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-3
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "constant"
+    warmup_steps: int = 0
+    per_device_train_batch_size: int = 32  # samples (pairs for dpo, transitions for grpo)
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    # logging, checkpoints
+    output_dir: str = "runs/online"
+    save_rounds: int = 5  # a checkpoint every N rounds (and at the end)
+    save_total_limit: int = 2
+    num_samples: int = 16  # the per-round sample grid
+    report_to: str = "wandb"
+    resume_from_checkpoint: str = ""
+    seed: int = 0
+
+    def __post_init__(self):
+        check_types(self)
+        choices = {"method": METHODS, "sample_solver": SOLVERS, "timestep_density": DENSITIES,
+                   "optimizer": ("adamw", "adamw_8bit"), "mixed_precision": ("no", "bf16"),
+                   "report_to": ("wandb", "none")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} {getattr(self, name)!r}: choose from {list(allowed)}")
+        for name in ("prompts_per_round", "rounds", "steps_per_round", "per_device_train_batch_size",
+                     "lora_r", "sample_steps", "grpo_steps", "save_rounds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be ≥ 1")
+        if self.k < 2:
+            raise ValueError("--k must be ≥ 2: the signal is relative within a group")
+        if self.reward_weights and len(self.reward_weights) != len(self.reward):
+            raise ValueError(f"--reward_weights has {len(self.reward_weights)} values for {len(self.reward)} rewards")
+        if not 0 <= self.old_decay < 1:
+            raise ValueError("--old_decay must be in [0, 1)")
+
+    @property
+    def max_steps(self) -> int:  # the LR schedule's length
+        return self.rounds * self.steps_per_round
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewards
+# ---------------------------------------------------------------------------------------------
+
+
+def make_reward(specs: list[str], weights: list[float]):
+    """`score(images, prompts) -> (N,)`: the weighted sum of the named scorers. A scorer that raises
+    or returns NaN/inf stops the run with an error naming it."""
+    from reward.scorers import get_scorer
+
+    scorers = [(spec, get_scorer(spec), w) for spec, w in zip(specs, weights or [1.0] * len(specs))]
+
+    def score(images, prompts, where: str) -> torch.Tensor:
+        total = torch.zeros(len(images))
+        for spec, fn, w in scorers:
+            try:
+                s = torch.as_tensor(fn(images, prompts), dtype=torch.float32).reshape(-1)
+            except Exception as e:
+                raise RuntimeError(f"reward {spec!r} failed in {where}: {type(e).__name__}: {e}") from e
+            if s.shape != (len(images),) or not torch.isfinite(s).all():
+                bad = (~torch.isfinite(s)).sum().item() if s.shape == (len(images),) else "shape"
+                raise ValueError(f"reward {spec!r} returned {bad} non-finite value(s) of {len(images)} in {where}"
+                                 if bad != "shape" else
+                                 f"reward {spec!r} returned shape {tuple(s.shape)} for {len(images)} images in {where}")
+            total += w * s
+        return total
+
+    return score
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters: which one is active
+# ---------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def adapter(peft_model, name: str | None):
+    """Run with adapter `name` active ("default": the policy; None: the base, no adapter)."""
+    if name is None:
+        with peft_model.disable_adapter():
+            yield
+        return
+    peft_model.base_model.set_adapter(name)
+    try:
+        yield
+    finally:
+        peft_model.base_model.set_adapter("default")  # also restores requires_grad to the policy
+
+
+# ---------------------------------------------------------------------------------------------
+# A round's samples: contiguous prompt shares per process, gathered in prompt order
+# ---------------------------------------------------------------------------------------------
+
+
+def prompt_pool(spec: str) -> list[str]:
+    """The distinct prompts of a shapes-world split (its first 5000 scenes) or of a text file."""
+    return list(dict.fromkeys(prompts_from(spec, 5000 if _is_split(spec) else 0)))
+
+
+def round_prompts(pool_size: int, n: int, seed: int, round_: int) -> torch.Tensor:
+    """Indices of the round's prompts in the pool, drawn from (seed, round)."""
+    g = torch.Generator().manual_seed(seed * 7919 + round_)
+    return torch.randint(pool_size, (n,), generator=g)
+
+
+def _is_split(spec: str) -> bool:
+    from base_model.shapes import SPLIT_OFFSETS
+    return spec in SPLIT_OFFSETS
+
+
+def rollout(policy, net, cond, prompts_idx, cfg: OnlineConfig, round_: int):
+    """Sample the groups of this process's prompts. Seeds depend on (seed, round, prompt, j) only.
+    Returns x0 (n, C, H, W) in model space, and for grpo the SDE transitions."""
+    context, pooled = cond
+    rep = prompts_idx.repeat_interleave(cfg.k)
+    seeds = [(cfg.seed * 1_000 + round_) * 1_000_000 + int(p) * cfg.k + j
+             for p in prompts_idx.tolist() for j in range(cfg.k)]
+    ctx, pol = context[rep], pooled[rep]
+    if cfg.method != "grpo":
+        return sample(net, ctx, pol, seeds, policy.image_shape, steps=cfg.sample_steps, shift=policy.shift,
+                      guidance=cfg.guidance, uncond=policy.uncond, progress=False, solver=cfg.sample_solver), None
+    x = noise_from_seeds(seeds, policy.image_shape)
+    velocity = grpo_velocity(net, (ctx, pol), cfg.guidance, policy.uncond)
+    times = euler_times(cfg.grpo_steps, policy.shift)
+    window = None
+    if cfg.sde_window:  # Flow-GRPO-Fast: one random window per round, the same on every process
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + round_ + 17)
+        start = int(torch.randint(cfg.grpo_steps - min(cfg.sde_window, cfg.grpo_steps - 1), (1,), generator=g))
+        window = range(start, start + cfg.sde_window)
+    with torch.no_grad():
+        x0, transitions = sde_solve(velocity, x, times, cfg.sde_a,
+                                    lambda j: noise_from_seeds([s * 101 + j for s in seeds], policy.image_shape),
+                                    window)
+    return x0, {"times": times, "transitions": transitions, "ctx": ctx, "pooled": pol}
+
+
+def grpo_velocity(net, cond: tuple, guidance: float, uncond):
+    if guidance == 1.0:
+        return lambda x, t: net(x, t, *cond)
+    u = tuple(torch.zeros_like(c) for c in cond) if uncond is None else \
+        tuple(c.expand(len(cond[0]), *c.shape[1:]) for c in uncond)
+    return with_cfg(net, guidance, cond, u)
+
+
+# ---------------------------------------------------------------------------------------------
+# Each method's training signal from a round
+# ---------------------------------------------------------------------------------------------
+
+
+def dpo_pairs(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best and worst sample index of each group with spread (flat indices into P·K)."""
+    P, K = rewards.shape
+    keep = (rewards.max(1).values > rewards.min(1).values).nonzero().flatten()
+    best = rewards.argmax(1)[keep] + keep * K
+    worst = rewards.argmin(1)[keep] + keep * K
+    return best, worst
+
+
+def step_loss(model, peft_model, cfg: OnlineConfig, buf: dict, idx: torch.Tensor, gen: torch.Generator,
+              mine: slice, use_ref_adapter: bool):
+    """The loss of one micro-batch `idx` (global indices into the round's buffer; this process takes
+    `mine`). Noise and t are drawn for the global batch from `gen` and sliced."""
+    n = len(idx)
+    if cfg.method == "grpo":
+        return grpo_step(model, peft_model, cfg, buf, idx[mine])
+    t = sample_t(n, cfg.timestep_density, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, cfg.shift,
+                 generator=gen)[mine]
+    shape = buf["x0"].shape[1:]
+    noise = torch.randn((n, *shape), generator=gen)[mine]
+    idx = idx[mine]
+    if cfg.method == "dpo":
+        w, l = buf["pairs"][0][idx], buf["pairs"][1][idx]
+        x = torch.cat([buf["x0"][w], buf["x0"][l]])
+        ids = torch.cat([buf["prompt"][w], buf["prompt"][l]])
+        c, p = buf["context"][ids], buf["pooled"][ids]
+        noise2, t2 = noise.repeat(2, 1, 1, 1), t.repeat(2)
+        with torch.no_grad(), adapter(peft_model, REF if use_ref_adapter else None):
+            ref = flow_loss(model, x, noise2, t2, c, p)
+        return dpo_loss(flow_loss(model, x, noise2, t2, c, p), ref, cfg.beta, "sigmoid", cfg.sft_weight)
+    x0, ids = buf["x0"][idx], buf["prompt"][idx]
+    c, p = buf["context"][ids], buf["pooled"][ids]
+    if cfg.method == "raft":
+        loss = flow_loss(model, x0, noise, t, c, p).mean()
+        return loss, {"loss": loss.detach()}
+    x_t = interpolate(x0, noise, t)  # nft
+    with torch.no_grad(), adapter(peft_model, OLD):
+        v_old = model(x_t, t, c, p)
+    return nft_loss(model(x_t, t, c, p), v_old, x_t, x0, t, buf["r"][idx], cfg.nft_beta)
+
+
+def grpo_step(model, peft_model, cfg: OnlineConfig, buf: dict, idx: torch.Tensor):
+    """Clipped policy gradient on transitions `idx` (into the flattened (step, sample) list)."""
+    tr = buf["grpo"]
+    step_j, sample_i = tr["step"][idx], tr["sample"][idx]
+    times = buf["times"]
+    t, t_next = times[step_j], times[step_j + 1]
+    cond = (buf["context"][buf["prompt"][sample_i]], buf["pooled"][buf["prompt"][sample_i]])
+    x, x_next, std = tr["x"][idx], tr["x_next"][idx], tr["std"][idx]
+    mean = transition_mean(model, cond, cfg, buf["uncond"], x, t, t_next, std)
+    std_b = std.view(-1, 1, 1, 1)
+    logp = gaussian_logprob(x_next, mean, std_b)
+    kl = None
+    if cfg.kl_beta:
+        with torch.no_grad(), adapter(peft_model, None):
+            ref_mean = transition_mean(model, cond, cfg, buf["uncond"], x, t, t_next, std)
+        kl = ((mean - ref_mean) ** 2 / (2 * std_b ** 2)).mean((1, 2, 3))
+    return grpo_loss(logp, buf["old_logp"][idx], buf["adv"][sample_i], cfg.clip_range, kl, cfg.kl_beta)
+
+
+def transition_mean(model, cond, cfg, uncond, x, t, t_next, std):
+    """The SDE step's mean under `model` for transitions with their own (t, t_next, std) (B,)."""
+    v = grpo_velocity(model, cond, cfg.guidance, uncond)(x, t)
+    row = lambda a: a.view(-1, *[1] * (x.dim() - 1))  # noqa: E731
+    sigma = row(std) / (row(t) - row(t_next)).sqrt()  # std = σ·sqrt(−dt)
+    return sde_step(x, v, row(t), row(t_next), sigma)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def main(cfg: OnlineConfig):
+    from accelerate.utils import gather_object, set_seed
+
+    if not cfg.base:
+        raise ValueError("--base CHECKPOINT (or an SD3 folder) is required")
+    B, seed = cfg.per_device_train_batch_size, cfg.seed
+    loaded = load(cfg.base)
+    text, space, model = loaded.text, loaded.space, loaded.model.train()
+    accelerator = make_accelerator(cfg.output_dir, cfg.report_to, cfg.mixed_precision)
+    set_seed(seed)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    base_sha = weights_sha256(cfg.base)
+    score = make_reward(cfg.reward, cfg.reward_weights)
+
+    model.requires_grad_(False)
+    peft_model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
+    if cfg.method == "nft":
+        snapshot_adapter(peft_model, OLD)
+    if cfg.method == "dpo" and cfg.ref_update_steps:
+        snapshot_adapter(peft_model, REF)
+    policy = replace(loaded, model=peft_model)
+    optimizer, scheduler = optimizer_and_scheduler(cfg, [p for p in peft_model.parameters() if p.requires_grad])
+    configure_deepspeed(accelerator, B, cfg.max_grad_norm)
+    model, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
+
+    start_round, step, reward_calls, elapsed = 0, 0, 0, 0.0
+    resume = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+    if resume:
+        with open(os.path.join(resume, "trainer_state.json")) as f:
+            state = json.load(f)
+        start_round, step, reward_calls, elapsed = state["round"], state["step"], state["reward_calls"], state["elapsed"]
+        for name in (OLD, REF):
+            if os.path.isdir(os.path.join(resume, name)):
+                load_adapter_weights(peft_model, name, os.path.join(resume, name, name))
+        accelerator.load_state(resume)
+        accelerator.print(f"resumed from {resume} after round {start_round}")
+    if cfg.report_to != "none":
+        accelerator.init_trackers("flowalign-online", config=asdict(cfg))
+    if accelerator.is_main_process:
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=2)
+
+    pool = prompt_pool(cfg.prompts)
+    pool_context, pool_pooled = text.encode(pool)
+    grid_cond = text.encode(prompts_from("heldout_prompts" if _is_split(cfg.prompts) else cfg.prompts,
+                                         cfg.num_samples))
+    last_ckpt = resume
+    bar = tqdm(range(start_round, cfg.rounds), initial=start_round, total=cfg.rounds, desc=f"online {cfg.method}",
+               disable=not accelerator.is_local_main_process)
+    for round_ in bar:
+        t0 = time.time()
+        # 1. sample a group of k per prompt from the policy (nft: the old adapter, its sampling policy)
+        ids = round_prompts(len(pool), cfg.prompts_per_round, seed, round_)
+        prompts, context, pooled = [pool[i] for i in ids.tolist()], pool_context[ids], pool_pooled[ids]
+        share = torch.arange(len(prompts)).tensor_split(world)[rank]
+        model.eval()
+        with adapter(peft_model, OLD if cfg.method == "nft" else "default"):
+            x0, traj = rollout(policy, peft_model, (context, pooled), share, cfg, round_)
+        images = space.decode(x0).clamp(-1, 1)
+        # 2. score (each process its share), gather in prompt order
+        rewards = score(images, [prompts[i] for i in share.repeat_interleave(cfg.k).tolist()], f"round {round_ + 1}")
+        x0, rewards = _gather(gather_object, x0), _gather(gather_object, rewards).view(len(prompts), cfg.k)
+        sample_time = time.time() - t0
+        reward_calls += len(prompts) * cfg.k
+        # 3. the method's training signal
+        buf = {"x0": x0, "prompt": torch.arange(len(prompts)).repeat_interleave(cfg.k),
+               "context": context, "pooled": pooled, "uncond": loaded.uncond}
+        adv = group_advantages(rewards)
+        zero_spread = float((rewards.std(1) == 0).float().mean())
+        n_items = build_signal(buf, cfg, rewards, adv, traj, gather_object)
+        metrics_sum: dict[str, float] = {}
+        if n_items:
+            if cfg.method == "grpo":
+                buf["old_logp"] = old_logprobs(model, peft_model, cfg, buf, n_items, B * world, seed, round_, rank, B)
+            order = DataOrder(n_items, seed * 7919 + round_)
+            model.train()
+            for s in range(cfg.steps_per_round):
+                idx = order.indices(s * B * world, B * world)
+                gen = step_generator(seed, step, 0)
+                use_ref = cfg.method == "dpo" and cfg.ref_update_steps > 0
+                with accelerator.accumulate(model):
+                    loss, metrics = step_loss(model, peft_model, cfg, buf, idx, gen, slice(rank * B, (rank + 1) * B),
+                                              use_ref)
+                    accelerator.backward(loss)
+                    clip_and_step(accelerator, model, optimizer, cfg.max_grad_norm)
+                scheduler.step()
+                step += 1
+                for k, v in metrics.items():
+                    metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / cfg.steps_per_round
+                if use_ref and step % cfg.ref_update_steps == 0:
+                    snapshot_adapter(peft_model, REF)
+            reduced = accelerator.reduce(torch.tensor(list(metrics_sum.values())), "mean")
+            metrics_sum = dict(zip(metrics_sum, reduced.tolist()))
+            check_finite(metrics_sum["loss"], step, last_ckpt)
+        else:
+            step += cfg.steps_per_round  # nothing to learn from this round: the schedule moves on
+            for _ in range(cfg.steps_per_round):
+                scheduler.step()
+        if cfg.method == "nft":
+            snapshot_adapter(peft_model, OLD, cfg.old_decay)
+        elapsed += time.time() - t0
+        logs = {"round/reward_mean": float(rewards.mean()), "round/accuracy": float((rewards >= 1.0).float().mean()),
+                "round/zero_spread_groups": zero_spread, "round/train_items": n_items,
+                "round/images_per_s": len(prompts) * cfg.k / sample_time, "round/reward_calls": reward_calls,
+                "round/elapsed_s": elapsed, "train/lr": scheduler.get_last_lr()[0],
+                **{f"train/{k}": v for k, v in metrics_sum.items()}}
+        done = round_ + 1
+        accelerator.log(logs, step=done)
+        append_log(cfg.output_dir, accelerator, {"round": done, "step": step, **logs})
+        bar.set_postfix(reward=f"{logs['round/reward_mean']:.3f}", zero=f"{zero_spread:.2f}")
+        sample_grid(policy, grid_cond, cfg, accelerator, done)
+        if done % cfg.save_rounds == 0 or done == cfg.rounds:
+            last_ckpt = save_checkpoint(accelerator, cfg.output_dir, done, cfg.save_total_limit,
+                                        {"round": done, "step": step, "reward_calls": reward_calls,
+                                         "elapsed": elapsed}, lambda d: save_frozen(peft_model, d))
+
+    if accelerator.is_main_process:
+        final = os.path.join(cfg.output_dir, "final")
+        save_adapter(accelerator.unwrap_model(model), final, cfg.base, base_sha,
+                     {"online_config": asdict(cfg), "reward_calls": reward_calls, "train_seconds": elapsed})
+        accelerator.print(f"adapter: {final}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def build_signal(buf: dict, cfg: OnlineConfig, rewards, adv, traj, gather_object) -> int:
+    """Fill `buf` with the method's training items; returns how many there are."""
+    if cfg.method == "dpo":
+        buf["pairs"] = dpo_pairs(rewards)
+        return len(buf["pairs"][0])
+    if cfg.method == "raft":
+        keep = (rewards.flatten() >= cfg.raft_threshold).nonzero().flatten()
+        buf["x0"], buf["prompt"] = buf["x0"][keep], buf["prompt"][keep]
+        return len(keep)
+    if cfg.method == "nft":
+        buf["r"] = optimality_probability(adv.flatten(), cfg.adv_clip_max)
+        return len(buf["r"])
+    # grpo: every stochastic transition of every sample whose group has spread
+    buf["adv"], buf["times"] = adv.flatten(), traj["times"]
+    steps = [j for j, *_ in traj["transitions"]]
+    x = _gather(gather_object, torch.stack([s[1] for s in traj["transitions"]], 1))  # (N, S, C, H, W)
+    x_next = _gather(gather_object, torch.stack([s[2] for s in traj["transitions"]], 1))
+    N, S = x.shape[:2]
+    informative = (adv.flatten() != 0).nonzero().flatten()
+    sample_i = informative.repeat_interleave(S)
+    step_k = torch.arange(S).repeat(len(informative))
+    buf["grpo"] = {"sample": sample_i, "step": torch.tensor(steps)[step_k], "x": x[sample_i, step_k],
+                   "x_next": x_next[sample_i, step_k],
+                   "std": torch.tensor([s[3] for s in traj["transitions"]], dtype=torch.float32)[step_k]}
+    return len(sample_i)
+
+
+@torch.no_grad()
+def old_logprobs(model, peft_model, cfg, buf, n_items, n_global, seed, round_, rank, B):
+    """log π_old of every transition, computed before any update with the training forward in the
+    training's own micro-batches (an item's first one), so the first step's ratio is exactly 1."""
+    order = DataOrder(n_items, seed * 7919 + round_)
+    out = torch.zeros(n_items)
+    seen = torch.zeros(n_items, dtype=torch.bool)
+    for s in range(cfg.steps_per_round):
+        idx = order.indices(s * n_global, n_global)
+        mine = idx[rank * B:(rank + 1) * B]
+        if seen[mine].all():
+            continue
+        tr = buf["grpo"]
+        step_j, sample_i = tr["step"][mine], tr["sample"][mine]
+        t, t_next = buf["times"][step_j], buf["times"][step_j + 1]
+        cond = (buf["context"][buf["prompt"][sample_i]], buf["pooled"][buf["prompt"][sample_i]])
+        mean = transition_mean(model, cond, cfg, buf["uncond"], tr["x"][mine], t, t_next, tr["std"][mine])
+        lp = gaussian_logprob(tr["x_next"][mine], mean, tr["std"][mine].view(-1, 1, 1, 1))
+        fresh = ~seen[mine]
+        out[mine[fresh]] = lp[fresh]
+        seen[mine] = True
+    return out
+
+
+def _gather(gather_object, x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every process's rows in rank order (their prompt shares are contiguous)."""
+    parts = gather_object([x])
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def save_frozen(peft_model, folder: str):
+    for name in (OLD, REF):
+        if name in peft_model.peft_config:
+            peft_model.save_pretrained(os.path.join(folder, name), selected_adapters=[name])
+
+
+def load_adapter_weights(peft_model, name: str, path: str):
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if name not in peft_model.peft_config:
+        snapshot_adapter(peft_model, name)
+    set_peft_model_state_dict(peft_model, load_file(os.path.join(path, "adapter_model.safetensors")), adapter_name=name)
+
+
+if __name__ == "__main__":
+    main(parse(OnlineConfig))

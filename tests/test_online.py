@@ -1,0 +1,166 @@
+"""The online loop end to end on a tiny random base: each method trains and saves an adapter;
+online DPO starts at log 2 with a fresh reference; GRPO's on-policy ratio is exactly 1; RAFT
+imitates only the samples that pass; exact resume; a failing reward stops with a named error;
+and the same run on 1 process and on 2 (ZeRO-2, CPU)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from align import online
+from align.online import OnlineConfig
+from base_model.adapters import load_model
+from base_model.cli import parse
+from base_model.mmdit import MMDiT, preset
+from tests.conftest import randomize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RED = "py:tests.test_online:redness"
+SMALL = ["--prompts_per_round", "4", "--k", "4", "--rounds", "2", "--steps_per_round", "2",
+         "--per_device_train_batch_size", "4", "--sample_steps", "2", "--grpo_steps", "3", "--num_samples", "2",
+         "--lora_r", "4", "--lora_alpha", "4", "--learning_rate", "1e-2", "--report_to", "none",
+         "--reward", RED, "--beta", "100"]
+
+
+def redness(images, prompts):
+    """A reward a random tiny base has spread on: how red the image is."""
+    return images[:, 0].mean((1, 2)) - images[:, 1:].mean((1, 2, 3))
+
+
+def broken(images, prompts):
+    raise KeyError("no such scorer state")
+
+
+def half_nan(images, prompts):
+    out = torch.zeros(len(images))
+    out[::2] = float("nan")
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _reset_accelerate():
+    yield
+    from accelerate.state import AcceleratorState, PartialState
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("base") / "final")
+    torch.manual_seed(0)
+    model = randomize(MMDiT(preset("toy", depth=2, hidden=32, heads=2)), std=0.02)
+    model.save_pretrained(path)
+    with open(os.path.join(path, "conditioning.json"), "w") as f:
+        json.dump({"text_encoders": ["minilm"], "image_space": "pixels", "resolution": 32}, f)
+    return path
+
+
+def run(base, out, *flags):
+    online.main(parse(OnlineConfig, SMALL + ["--base", base, "--output_dir", str(out), *flags]))
+    return out
+
+
+def logged(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return {r["round"]: r for r in map(json.loads, f)}
+
+
+def forward(model):
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, 3, 32, 32, generator=g), torch.rand(2, generator=g), torch.randn(2, 16, 384, generator=g),
+            torch.randn(2, 384, generator=g))
+    with torch.no_grad():
+        return model(*args)
+
+
+@pytest.mark.parametrize("method", ["nft", "grpo", "raft", "dpo"])
+def test_each_method_trains_and_saves_a_loadable_adapter(base, tmp_path, method):
+    out = run(base, tmp_path / method, "--method", method, "--raft_threshold=-1")
+    log = logged(out)
+    assert set(log) == {1, 2}
+    row = log[2]
+    assert row["round/reward_calls"] == 2 * 4 * 4 and row["round/train_items"] > 0
+    assert {"round/reward_mean", "round/zero_spread_groups", "round/images_per_s", "train/loss"} <= set(row)
+    assert os.path.exists(out / "samples" / "step-000002.png")
+    record = json.load(open(out / "final" / "flowalign_base.json"))
+    assert record["online_config"]["method"] == method and record["reward_calls"] == 32
+    y = forward(load_model(str(out / "final")))
+    assert not torch.allclose(y, forward(MMDiT.from_pretrained(base)), atol=1e-6)
+
+
+def test_online_dpo_starts_at_log2_and_a_refreshed_reference_starts_there_again(base, tmp_path):
+    fixed = logged(run(base, tmp_path / "fixed", "--method", "dpo", "--steps_per_round", "1"))
+    assert fixed[1]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert fixed[1]["train/rewards/accuracies"] == 0.5
+    assert fixed[2]["train/loss"] != pytest.approx(math.log(2), abs=1e-6)  # the base stays the reference
+    moving = logged(run(base, tmp_path / "moving", "--method", "dpo", "--steps_per_round", "1",
+                        "--ref_update_steps", "1"))
+    assert moving[2]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)  # reference = the policy after step 1
+
+
+def test_grpo_on_policy_ratio_is_exactly_one(base, tmp_path):
+    log = logged(run(base, tmp_path / "grpo", "--method", "grpo", "--steps_per_round", "1", "--kl_beta", "0.04"))
+    for r in (1, 2):  # every round's first step is purely on-policy
+        assert log[r]["train/grpo/ratio"] == 1.0 and log[r]["train/grpo/clip_fraction"] == 0.0
+    assert log[1]["train/grpo/kl"] == 0.0  # a zero LoRA is the base
+
+
+def test_raft_imitates_only_samples_that_pass(base, tmp_path):
+    everything = logged(run(base, tmp_path / "all", "--method", "raft", "--raft_threshold=-1e9"))
+    assert everything[1]["round/train_items"] == 16
+    nothing = run(base, tmp_path / "none", "--method", "raft", "--raft_threshold", "1e9")
+    assert all(r["round/train_items"] == 0 for r in logged(nothing).values())
+    # nothing passed: the adapter never moved, the policy is the base
+    assert torch.equal(forward(load_model(str(nothing / "final"))), forward(MMDiT.from_pretrained(base)))
+
+
+def test_resume_gives_the_uninterrupted_run(base, tmp_path):
+    flags = ["--method", "nft", "--rounds", "4", "--save_rounds", "2"]
+    full = logged(run(base, tmp_path / "full", *flags))
+    run(base, tmp_path / "part", "--method", "nft", "--rounds", "2", "--save_rounds", "2")
+    part = logged(run(base, tmp_path / "part", *flags, "--resume_from_checkpoint", "latest"))
+    for r in (3, 4):
+        assert part[r]["round/reward_mean"] == pytest.approx(full[r]["round/reward_mean"], rel=1e-5)
+        assert part[r]["train/loss"] == pytest.approx(full[r]["train/loss"], rel=1e-5)
+    assert torch.allclose(forward(load_model(str(tmp_path / "full" / "final"))),
+                          forward(load_model(str(tmp_path / "part" / "final"))), atol=1e-6)
+
+
+@pytest.mark.parametrize("spec, error, match", [
+    ("py:tests.test_online:broken", RuntimeError, r"reward 'py:tests.test_online:broken' failed in round 1: KeyError"),
+    ("py:tests.test_online:half_nan", ValueError, r"reward 'py:tests.test_online:half_nan' returned 8 non-finite"),
+    ("py:tests.test_online:missing", ValueError, r"cannot import 'missing'"),
+])
+def test_a_failing_reward_stops_the_round_with_a_named_error(base, tmp_path, spec, error, match):
+    with pytest.raises(error, match=match):
+        run(base, tmp_path / "bad", "--reward", spec)
+
+
+@pytest.mark.slow
+def test_zero2_two_processes_match_single_process(base, tmp_path):
+    """Same prompts, seeds and global batch (2 × 2 vs 1 × 4): the same rewards and losses."""
+    common = SMALL + ["--method", "nft", "--base", base]
+    i = common.index("--per_device_train_batch_size") + 1
+    single, sharded = common[:i] + ["4"] + common[i + 1:], common[:i] + ["2"] + common[i + 1:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "align.online", *single, "--output_dir", str(tmp_path / "single")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    launcher = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--num_processes", "2",
+                "--num_machines", "1", "--use_deepspeed", "--deepspeed_config_file",
+                os.path.join(ROOT, "configs/deepspeed/zero2.json"), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    p = subprocess.run([*launcher, "-m", "align.online", *sharded, "--output_dir", str(tmp_path / "zero2")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    a, b = logged(tmp_path / "single"), logged(tmp_path / "zero2")
+    for r in (1, 2):
+        assert b[r]["round/reward_mean"] == pytest.approx(a[r]["round/reward_mean"], rel=1e-4), r
+        assert b[r]["train/loss"] == pytest.approx(a[r]["train/loss"], rel=1e-4), r
+    assert torch.allclose(forward(load_model(str(tmp_path / "single" / "final"))),
+                          forward(load_model(str(tmp_path / "zero2" / "final"))), atol=1e-4)
