@@ -36,12 +36,17 @@ class CompareConfig:
     base: str  # the checkpoint every method starts from
     methods: dict  # name → {module, config, flags} or {best_of_n: METHOD}
     output_dir: str = "runs/compare"
+    name: str = "compare"  # → output_dir/NAME.json and NAME.html (comparisons can share a folder and its cache)
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     splits: list = field(default_factory=lambda: ["heldout_prompts", "heldout_combos"])
     n_prompts: int = 200
     n_per_prompt: int = 4
     pairs: dict = field(default_factory=dict)  # flags of align.pairs for the offline methods
     reward: str = "compositional"  # the reward best-of-N selects with
+    audit_model: str = "runs/reward/imagetext"  # in-project image–text model: the audit's features and proxy
+    audit_config: str = "configs/reward/imagetext.yaml"  # how to train it when the folder is missing
+    diversity_floor: float = 0.5  # flag a method whose diversity falls below this × the base's
+    fd_ceiling: float = 2.0  # flag a method whose FD to real renders grows past this × the base's
 
 
 def load_config(path: str, overrides: dict) -> CompareConfig:
@@ -86,6 +91,7 @@ def run_cached(cmd: list[str], config: str | None, folder: str, collect) -> dict
     t0 = time.time()
     subprocess.run(cmd, check=True)
     result = {"key": key, "command": cmd, "wall_s": time.time() - t0, **collect()}
+    os.makedirs(folder, exist_ok=True)
     with open(done + ".tmp", "w") as f:
         json.dump(result, f, indent=2)
     os.replace(done + ".tmp", done)
@@ -97,12 +103,16 @@ def run_cached(cmd: list[str], config: str | None, folder: str, collect) -> dict
 # ---------------------------------------------------------------------------------------------
 
 
-def judge(spec: str, split: str, n_prompts: int, k: int, best_of: int = 1, reward: str = "compositional") -> dict:
+def judge(spec: str, split: str, n_prompts: int, k: int, best_of: int = 1, reward: str = "compositional",
+          audit_model: str | None = None) -> dict:
     """Per-image correctness (n·k,) and task of `spec` on `split`. With `best_of` N > 1, each image
-    is the one of N candidates (seeds (i·k + j)·N + n + 10⁹) that `reward` scores highest."""
+    is the one of N candidates (seeds (i·k + j)·N + n + 10⁹) that `reward` scores highest. With an
+    `audit_model` (reward.imagetext folder): the proxy score (100·cos) of each image, the diversity
+    of each prompt's k images (mean pairwise 1 − cos of their image features) and the Fréchet
+    distance of all images to renders of the same scenes."""
     from base_model.adapters import load
     from base_model.sampling import GUIDANCE, SOLVER, STEPS
-    from base_model.shapes import make_split
+    from base_model.shapes import make_split, render
     from reward import compositional
     from reward.scorers import get_scorer
 
@@ -120,7 +130,20 @@ def judge(spec: str, split: str, n_prompts: int, k: int, best_of: int = 1, rewar
         pick = scores.argmax(1) + torch.arange(len(scores)) * best_of
         images, targets = images[pick], [targets[i] for i in pick.tolist()]
     judged = [compositional.judge(img, s) for img, s in zip(images, targets)]
-    return {"correct": [float(j.correct) for j in judged], "task": [j.task for j in judged]}
+    out = {"correct": [float(j.correct) for j in judged], "task": [j.task for j in judged]}
+    if audit_model:
+        from reward.fid import frechet_distance
+        from reward.imagetext import load as load_imagetext
+
+        scorer = load_imagetext(audit_model)
+        feats = scorer.embed_images(images).view(len(scenes), k, -1)
+        cos = feats @ feats.transpose(1, 2)  # (P, k, k) of unit vectors
+        off = ~torch.eye(k, dtype=torch.bool)
+        real = torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).contiguous()
+        out["proxy"] = scorer(images, [s.caption for s in targets]).tolist()
+        out["diversity"] = (1 - cos[:, off]).mean(1).tolist()
+        out["fd"] = frechet_distance(real, images, scorer.model)
+    return out
 
 
 def gain_ci(base: np.ndarray, runs: list[np.ndarray], k: int, n_boot: int = 2000, seed: int = 0) -> dict:
@@ -158,60 +181,86 @@ def main(argv=None):
     out, k = cfg.output_dir, cfg.n_per_prompt
     os.makedirs(out, exist_ok=True)
 
+    audit = cfg.audit_model if cfg.audit_model else None
+    if audit and not os.path.isdir(audit):
+        run_cached(_command("reward.imagetext", cfg.audit_config, {"output": audit}), cfg.audit_config,
+                   audit + "-run", lambda: {})
+
     def judged(spec, folder, split, best_of=1):
         path = os.path.join(folder, f"judged-{split}-{cfg.n_prompts}x{k}" + (f"-bo{best_of}" if best_of > 1 else "")
                             + ".json")
-        if not os.path.isfile(path):
-            res = judge(spec, split, cfg.n_prompts, k, best_of, cfg.reward)
+        cached = None
+        if os.path.isfile(path):
+            with open(path) as f:
+                cached = json.load(f)
+        if cached is None or (audit and "fd" not in cached):
+            res = judge(spec, split, cfg.n_prompts, k, best_of, cfg.reward, audit)
             os.makedirs(folder, exist_ok=True)
             with open(path + ".tmp", "w") as f:
                 json.dump(res, f)
             os.replace(path + ".tmp", path)
-        with open(path) as f:
-            return json.load(f)
+            return res
+        return cached
 
-    base = {s: np.array(judged(cfg.base, os.path.join(out, "base"), s)["correct"]) for s in cfg.splits}
+    base_judged = {s: judged(cfg.base, os.path.join(out, "base"), s) for s in cfg.splits}
+    base = {s: np.array(j["correct"]) for s, j in base_judged.items()}
     pairs_dir = os.path.join(out, "pairs")
     if any(m.get("module") == "align.dpo" for m in methods.values()):
         cmd = _command("align.pairs", None, {**cfg.pairs, "base": cfg.base, "output": pairs_dir})
         run_cached(cmd, None, pairs_dir + "-run", lambda: {})
 
-    results = {"config": asdict(cfg), "base": {s: float(v.mean()) for s, v in base.items()}, "methods": {}}
+    def train(name, m, seed):
+        folder = os.path.join(out, name, f"seed-{seed}")
+        flags = {**m.get("flags", {}), "base": cfg.base, "output_dir": folder, "seed": seed}
+        if m["module"] == "align.dpo":
+            flags["pairs"] = pairs_dir
+        cmd = _command(m["module"], m.get("config"), flags)
+        return run_cached(cmd, m.get("config"), folder, lambda: _train_record(folder))
+
+    results = {"config": asdict(cfg), "base": {s: float(v.mean()) for s, v in base.items()}, "methods": {},
+               "base_audit": {s: audit_summary([j]) for s, j in base_judged.items()} if audit else {}}
     trained = {}
-    for name, m in methods.items():
-        if "best_of_n" in m:
-            continue
-        runs = []
-        for seed in cfg.seeds:
-            folder = os.path.join(out, name, f"seed-{seed}")
-            flags = {**m.get("flags", {}), "base": cfg.base, "output_dir": folder, "seed": seed}
-            if m["module"] == "align.dpo":
-                flags["pairs"] = pairs_dir
-            cmd = _command(m["module"], m.get("config"), flags)
-            runs.append(run_cached(cmd, m.get("config"), folder, lambda f=folder: _train_record(f)))
-        trained[name] = runs
-    for name, m in methods.items():
+    for name, m in methods.items():  # each method trained on every seed, then judged, in config order
         entry = {"splits": {}}
+        if "best_of_n" not in m:
+            trained[name] = [train(name, m, seed) for seed in cfg.seeds]
         if "best_of_n" in m:
-            calls = np.mean([r["reward_calls"] for r in trained[m["best_of_n"]]])
+            ref = m["best_of_n"]
+            trained.setdefault(ref, [train(ref, cfg.methods[ref], seed) for seed in cfg.seeds])
+            calls = np.mean([r["reward_calls"] for r in trained[ref]])
             n = max(2, int(round(calls / (cfg.n_prompts * k))))
             entry.update(best_of=n, reward_calls=n * cfg.n_prompts * k, train_seconds=0.0)
-            per_split = {s: [np.array(judged(cfg.base, os.path.join(out, name), s, n)["correct"])] for s in cfg.splits}
+            per_split = {s: [judged(cfg.base, os.path.join(out, name), s, n)] for s in cfg.splits}
         else:
             runs = trained[name]
             entry.update(reward_calls=float(np.mean([r["reward_calls"] for r in runs])),
                          train_seconds=float(np.mean([r["wall_s"] for r in runs])))
-            per_split = {s: [np.array(judged(os.path.join(out, name, f"seed-{seed}", "final"),
-                                             os.path.join(out, name, f"seed-{seed}"), s)["correct"])
-                             for seed in cfg.seeds] for s in cfg.splits}
-        for s, arrays in per_split.items():
+            per_split = {s: [judged(os.path.join(out, name, f"seed-{seed}", "final"),
+                                    os.path.join(out, name, f"seed-{seed}"), s) for seed in cfg.seeds]
+                         for s in cfg.splits}
+        for s, runs_judged in per_split.items():
+            arrays = [np.array(j["correct"]) for j in runs_judged]
             entry["splits"][s] = {"accuracy": float(np.mean(arrays)), "gain": gain_ci(base[s], arrays, k)}
+            if audit:
+                a = audit_summary(runs_judged)
+                b = results["base_audit"][s]
+                a["flags"] = ([f"diversity {a['diversity']:.3f} < {cfg.diversity_floor} × base {b['diversity']:.3f}"]
+                              if a["diversity"] < cfg.diversity_floor * b["diversity"] else []) + \
+                             ([f"FD {a['fd']:.3f} > {cfg.fd_ceiling} × base {b['fd']:.3f}"]
+                              if a["fd"] > cfg.fd_ceiling * b["fd"] else [])
+                a["proxy_gain"] = a["proxy"] - b["proxy"]
+                entry["splits"][s]["audit"] = a
         results["methods"][name] = entry
-        with open(os.path.join(out, "compare.json"), "w") as f:
+        with open(os.path.join(out, f"{cfg.name}.json"), "w") as f:
             json.dump(results, f, indent=2)
-    write_html(results, os.path.join(out, "compare.html"))
+    write_html(results, os.path.join(out, f"{cfg.name}.html"))
     for line in table(results):
         print(line)
+
+
+def audit_summary(judged_runs: list[dict]) -> dict:
+    """Mean proxy score, diversity and FD over a method's seeds."""
+    return {k: float(np.mean([np.mean(j[k]) for j in judged_runs])) for k in ("proxy", "diversity", "fd")}
 
 
 def _train_record(folder: str) -> dict:
@@ -241,6 +290,17 @@ def table(results: dict) -> list[str]:
             cells.append(f"{e['splits'][s]['accuracy']:.1%} {g['mean'] * 100:+.1f} [{g['ci95'][0] * 100:+.1f}, "
                          f"{g['ci95'][1] * 100:+.1f}]")
         lines.append(f"{name:14s} {e['reward_calls']:12.0f} {e['train_seconds']:8.0f} " + " ".join(f"{c:>34s}" for c in cells))
+    if results.get("base_audit"):
+        s = splits[0]
+        b = results["base_audit"][s]
+        lines += ["", f"audit on {s}: proxy = in-project image–text score (100·cos), diversity = mean pairwise "
+                      "1 − cos of a prompt's images, FD to renders of the same scenes",
+                  f"{'base':14s} proxy {b['proxy']:6.2f}            diversity {b['diversity']:.3f}  FD {b['fd']:.3f}"]
+        for name, e in results["methods"].items():
+            a = e["splits"][s].get("audit")
+            if a:
+                lines.append(f"{name:14s} proxy {a['proxy']:6.2f} ({a['proxy_gain']:+.2f})  diversity {a['diversity']:.3f}  "
+                             f"FD {a['fd']:.3f}  {'FLAGGED: ' + '; '.join(a['flags']) if a['flags'] else 'ok'}")
     return lines
 
 

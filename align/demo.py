@@ -3,9 +3,12 @@
     python -m align.demo                       # configs/demo/*.yaml → runs/demo/
     python -m align.demo --stages eval         # rerun one stage (the others' outputs are reused)
 
-Stages: pretrain the toy MM-DiT → on-policy pairs judged by the compositional scorer →
-Diffusion-DPO with LoRA → the SFT-on-winners control → evaluation of base, DPO and SFT on held-out
-prompts (same prompts and seeds) → `runs/demo/report.html` and a summary with the time of each stage.
+Stages: pretrain the toy MM-DiT → online alignment with LoRA, DiffusionNFT (`align.online --method
+nft`: each round samples groups from the policy, the compositional scorer judges them, the better
+and worse samples of each group are the positives and negatives) → its control, RAFT (the same
+rounds, flow matching on the policy's own correct samples: SFT on winners) → evaluation of base,
+NFT and RAFT on held-out prompts (same prompts and seeds) → `runs/demo/report.html` and a summary
+with the time of each stage.
 Every command is printed before it runs, so any stage can be rerun alone. `--override STAGE:FLAG=VALUE`
 (repeatable) changes one flag of one stage, e.g. for a small run in tests.
 """
@@ -21,7 +24,7 @@ import subprocess
 import sys
 import time
 
-STAGES = ("pretrain", "pairs", "dpo", "sft", "eval")
+STAGES = ("pretrain", "nft", "raft", "eval")
 
 
 def commands(configs: str, out: str) -> dict[str, list[str]]:
@@ -29,13 +32,10 @@ def commands(configs: str, out: str) -> dict[str, list[str]]:
     py = [sys.executable, "-m"]
     return {
         "pretrain": py + ["base_model.pretrain", "--config", f"{configs}/pretrain.yaml", "--output_dir", f"{out}/pretrain"],
-        "pairs": py + ["align.pairs", "--config", f"{configs}/pairs.yaml", "--base", base, "--output", f"{out}/pairs"],
-        "dpo": py + ["align.dpo", "--config", f"{configs}/dpo.yaml", "--base", base, "--pairs", f"{out}/pairs",
-                     "--output_dir", f"{out}/dpo"],
-        "sft": py + ["align.dpo", "--config", f"{configs}/sft.yaml", "--base", base, "--pairs", f"{out}/pairs",
-                     "--output_dir", f"{out}/sft"],
+        "nft": py + ["align.online", "--config", f"{configs}/nft.yaml", "--base", base, "--output_dir", f"{out}/nft"],
+        "raft": py + ["align.online", "--config", f"{configs}/raft.yaml", "--base", base, "--output_dir", f"{out}/raft"],
         "eval": py + ["reward.eval", "--config", f"{configs}/eval.yaml", "--model", f"base={base}",
-                      "--model", f"dpo={base}+{out}/dpo/final", "--model", f"sft={base}+{out}/sft/final",
+                      "--model", f"nft={base}+{out}/nft/final", "--model", f"raft={base}+{out}/raft/final",
                       "--output_dir", f"{out}/eval"],
     }
 

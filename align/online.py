@@ -83,6 +83,7 @@ class OnlineConfig:
     beta: float = 500.0  # Diffusion-DPO's β on the velocity loss
     sft_weight: float = 0.0
     ref_update_steps: int = 0  # refresh the reference to the policy every N optimizer steps (0: the base)
+    pairs_per_group: int = 1  # 1: best vs worst; n: also the i-th best vs the i-th worst, i < n
     # DiffusionNFT
     nft_beta: float = 1.0  # how far the implicit policies sit from the old one
     adv_clip_max: float = 1.0  # advantages clipped to ±this before mapping to r ∈ [0, 1]
@@ -252,13 +253,19 @@ def grpo_velocity(net, cond: tuple, guidance: float, uncond):
 # ---------------------------------------------------------------------------------------------
 
 
-def dpo_pairs(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best and worst sample index of each group with spread (flat indices into P·K)."""
+def dpo_pairs(rewards: torch.Tensor, per_group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Winner and loser flat indices (into P·K): the i-th best against the i-th worst of each
+    group for i < per_group (1: best vs worst), kept where the winner scores strictly higher;
+    groups with no spread give none."""
     P, K = rewards.shape
-    keep = (rewards.max(1).values > rewards.min(1).values).nonzero().flatten()
-    best = rewards.argmax(1)[keep] + keep * K
-    worst = rewards.argmin(1)[keep] + keep * K
-    return best, worst
+    order = torch.argsort(rewards, dim=1, descending=True, stable=True)
+    best, worst = [], []
+    for i in range(min(per_group, K // 2)):
+        w, l = order[:, i], order[:, K - 1 - i]
+        keep = (rewards.gather(1, w[:, None]) > rewards.gather(1, l[:, None])).flatten().nonzero().flatten()
+        best.append(w[keep] + keep * K)
+        worst.append(l[keep] + keep * K)
+    return torch.cat(best), torch.cat(worst)
 
 
 def step_loss(model, peft_model, cfg: OnlineConfig, buf: dict, idx: torch.Tensor, gen: torch.Generator,
@@ -454,7 +461,7 @@ def main(cfg: OnlineConfig):
 def build_signal(buf: dict, cfg: OnlineConfig, rewards, adv, traj, gather_object) -> int:
     """Fill `buf` with the method's training items; returns how many there are."""
     if cfg.method == "dpo":
-        buf["pairs"] = dpo_pairs(rewards)
+        buf["pairs"] = dpo_pairs(rewards, cfg.pairs_per_group)
         return len(buf["pairs"][0])
     if cfg.method == "raft":
         keep = (rewards.flatten() >= cfg.raft_threshold).nonzero().flatten()

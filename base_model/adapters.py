@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InputError
 from .mmdit import MMDiT
 from .sd3 import is_sd3_folder
 
@@ -90,6 +91,11 @@ def load_model(spec: str, device="cpu", merge: bool = True) -> torch.nn.Module:
 def apply_adapter(model, base: str, adapter: str | None, merge: bool = True):
     if adapter is None:
         return model
+    if not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
+        held = os.path.isfile(os.path.join(adapter, "adapter_model.bin"))  # a pickle: loading it can run code
+        raise InputError(f"adapter {adapter!r} has no adapter_model.safetensors"
+                         f"{' (only adapter_model.bin, never loaded)' if held else ''}; adapters load from "
+                         "safetensors only")
     record_path = os.path.join(adapter, BASE_RECORD)
     if os.path.isfile(record_path):
         expected = read_base_record(adapter)["sha256"]

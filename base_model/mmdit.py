@@ -18,12 +18,18 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
+
+from .errors import InputError
 
 # ---------------------------------------------------------------------------------------------
 # Config and presets
 # ---------------------------------------------------------------------------------------------
+
+
+JSON_TYPES = {"int": int, "float": (int, float), "bool": bool}  # what config.json may hold per field type
 
 
 @dataclass
@@ -45,6 +51,8 @@ class MMDiTConfig:
         self.hidden = self.hidden or 64 * self.depth
         self.heads = self.heads or self.depth
         self.out_channels = self.out_channels or self.in_channels
+        if small := [f.name for f in fields(self) if f.type != "bool" and not getattr(self, f.name) > 0]:
+            raise ValueError(f"MMDiTConfig {small} must be positive")
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
         if self.sample_size // self.patch_size > self.pos_embed_max_size:
@@ -55,9 +63,17 @@ class MMDiTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> MMDiTConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown MMDiTConfig keys: {sorted(unknown)}")
+        """A config from a checkpoint's dict: every field present with its type (a default filled in
+        here would build another model than the one saved), no unknown key."""
+        names = [f.name for f in fields(cls)]
+        if unknown := set(d) - set(names):
+            raise InputError(f"unknown MMDiTConfig keys: {sorted(unknown)}")
+        if missing := [n for n in names if n not in d]:
+            raise InputError(f"missing MMDiTConfig keys: {missing}")
+        for f in fields(cls):  # f.type is a string under `from __future__ import annotations`
+            v = d[f.name]
+            if isinstance(v, bool) != (f.type == "bool") or not isinstance(v, JSON_TYPES[f.type]):
+                raise InputError(f"MMDiTConfig key {f.name!r} must be {f.type}, got {v!r}")
         return cls(**d)
 
 
@@ -293,13 +309,38 @@ class MMDiT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, device="cpu") -> MMDiT:
-        cfg_file = os.path.join(path, "config.json")
+        """Rebuild a saved model; a bad config.json or model.safetensors is an InputError naming it."""
+        cfg_file, weights = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
         if not os.path.isfile(cfg_file):
             raise FileNotFoundError(f"{path} is not an MMDiT checkpoint: no config.json")
-        with open(cfg_file) as f:
-            model = cls(MMDiTConfig.from_dict(json.load(f)))
-        model.load_state_dict(load_file(os.path.join(path, "model.safetensors"), device=str(device)))
+        model = cls(read_config(cfg_file))
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"{path} is not an MMDiT checkpoint: no model.safetensors")
+        try:
+            state = load_file(weights, device=str(device))
+        except (SafetensorError, OSError) as e:
+            raise InputError(f"{weights}: unreadable, truncated or corrupt ({e})") from e
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:  # torch lists the missing, unexpected and mis-shaped tensors
+            detail = "; ".join(line.strip() for line in str(e).splitlines()[1:])
+            raise InputError(f"{weights} does not fit {cfg_file}: {detail}") from e
         return model.to(device)
+
+
+def read_config(path: str) -> MMDiTConfig:
+    """A checkpoint's config.json, checked (see `MMDiTConfig.from_dict`); errors name the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise InputError(f"{path}: expected a JSON object of MMDiTConfig keys, got {type(d).__name__}")
+    try:
+        return MMDiTConfig.from_dict(d)
+    except ValueError as e:  # also __post_init__'s checks of how the fields fit together
+        raise InputError(f"{path}: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------

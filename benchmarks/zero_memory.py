@@ -76,7 +76,7 @@ def worker(args):
 
     from base_model.flow import flow_loss
     from base_model.mmdit import MMDiT
-    from base_model.pretrain import cpu_process_group
+    from base_model.training import cpu_process_group
 
     torch.manual_seed(0)
     accelerator = Accelerator(kwargs_handlers=cpu_process_group())

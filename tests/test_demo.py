@@ -10,15 +10,14 @@ import pytest
 from align import demo
 
 SMALL = {
-    # 200 steps: enough for samples the scorer can rank (14 pairs from 16 prompts when measured)
+    # 200 steps: enough for samples the scorer can rank
     "pretrain": ["--max_steps=200", "--num_train=2000", "--num_val=16", "--eval_steps=1000", "--save_steps=1000",
                  "--num_samples=4", "--sample_steps=2", "--per_device_train_batch_size=32", "--warmup_steps=20"],
-    "pairs": ["--n_prompts=16", "--k=8", "--steps=5", "--rule=best_worst"],
-    "dpo": ["--max_steps=4", "--per_device_train_batch_size=4", "--eval_steps=1000", "--save_steps=1000",
+    "nft": ["--rounds=2", "--prompts_per_round=4", "--k=4", "--steps_per_round=2", "--per_device_train_batch_size=4",
             "--num_samples=2", "--sample_steps=2"],
     "eval": ["--n_prompts=8", "--n_per_prompt=2", "--steps=4", "--val_images=16"],
 }
-SMALL["sft"] = SMALL["dpo"]
+SMALL["raft"] = SMALL["nft"]
 
 
 @pytest.mark.slow
@@ -28,14 +27,14 @@ def test_demo_pipeline_small(tmp_path, capsys, monkeypatch):
     overrides = [f"{stage}:{flag}" for stage, flags in SMALL.items() for flag in flags]
     demo.main(["--output_dir", str(out)] + [x for o in overrides for x in ("--override", o)])
     printed = capsys.readouterr().out
-    for path in ("pretrain/final/model.safetensors", "pairs/dataset_info.json", "dpo/final/adapter_model.safetensors",
-                 "sft/final/adapter_model.safetensors", "eval/results.json", "report.html", "summary.txt",
+    for path in ("pretrain/final/model.safetensors", "nft/final/adapter_model.safetensors", "nft/log.jsonl",
+                 "raft/final/adapter_model.safetensors", "eval/results.json", "report.html", "summary.txt",
                  "stage_times.json"):
         assert os.path.exists(out / path), path
-    assert f"{sys.executable} -m align.dpo --config configs/demo/dpo.yaml" in printed  # rerunnable commands
+    assert f"{sys.executable} -m align.online --config configs/demo/nft.yaml" in printed  # rerunnable commands
     summary = (out / "summary.txt").read_text()
-    accuracies = dict(re.findall(r"(base|dpo|sft)\s+compositional accuracy\s+([\d.]+)%", summary))
-    assert set(accuracies) == {"base", "dpo", "sft"}
-    assert re.search(r"dpo_vs_base\s+Δ accuracy [+-][\d.]+% \[", summary)
+    accuracies = dict(re.findall(r"(base|nft|raft)\s+compositional accuracy\s+([\d.]+)%", summary))
+    assert set(accuracies) == {"base", "nft", "raft"}
+    assert re.search(r"nft_vs_base\s+Δ accuracy [+-][\d.]+% \[", summary)
     times = json.load(open(out / "stage_times.json"))
     assert set(times) == set(demo.STAGES) and all(t > 0 for t in times.values())

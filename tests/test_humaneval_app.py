@@ -1,17 +1,21 @@
 """The human-evaluation app through Flask's test client: voting, balance, the admin page, and the
-security cases (tokens, other annotators' votes, escaping, path traversal, bad forms, bind address)."""
+security cases (tokens, other annotators' votes, escaping, path traversal, symlinked images, bad
+forms, bind address, bad counts, tokens in log lines)."""
 
 import csv
 import io
+import logging
+import os
 import re
 import sqlite3
 
 import pytest
 
+from base_model.errors import InputError
 from base_model.shapes import make_split, render
 from reward.humaneval import __main__ as cli
 from reward.humaneval import study
-from reward.humaneval.app import create_app
+from reward.humaneval.app import REDACT, create_app, redact
 
 ANSWERS = {"overall": "left", "adherence": "tie", "quality": "right"}
 
@@ -224,3 +228,64 @@ def test_majority_keeps_ties():
     assert study.majority(["A", "B"]) == (0.5, 0.5)
     assert study.majority(["tie", "tie", "A"]) == (0.5, 0.5)
     assert study.majority(["A", "B", "tie"]) == (0.5, 0.5)
+
+
+def test_a_symlinked_image_is_404_and_export_refuses_it(setup, tmp_path):
+    client, db_path, _, (t1, *_) = setup
+    item, left, right = shown(client.get(f"/s/{t1}/"))
+    vote(client, t1, item)
+    (tmp_path / "secret.txt").write_text("secret")
+    link = tmp_path / "images" / left
+    link.unlink()
+    link.symlink_to(tmp_path / "secret.txt")
+    r = client.get(f"/s/{t1}/img/{left}")
+    assert r.status_code == 404 and b"secret" not in r.data
+    assert client.get(f"/s/{t1}/img/{right}").status_code == 200  # the regular file beside it
+    with pytest.raises(InputError, match=f"{left}.*symlink"):
+        study.export(db_path, str(tmp_path / "pairs"))
+    assert not (tmp_path / "pairs").exists()
+    link.unlink()
+    link.symlink_to(tmp_path / "images" / right)  # a link inside the folder is refused too
+    assert client.get(f"/s/{t1}/img/{left}").status_code == 404
+
+
+def test_export_onto_an_existing_file_is_one_line_and_leaves_nothing(setup, tmp_path, capsys):
+    client, db_path, _, (t1, *_) = setup
+    item, _, _ = shown(client.get(f"/s/{t1}/"))
+    vote(client, t1, item)
+    (tmp_path / "notes.txt").write_text("mine")
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(SystemExit, match=r"^error: .*notes\.txt.*not a folder") as err:
+        cli.main(["export", "--db", db_path, "--output", str(tmp_path / "notes.txt")])
+    assert "\n" not in str(err.value.code)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["create", "--n_per_prompt", "0"], "--n_per_prompt"),
+    (["create", "--n_prompts", "0"], "--n_prompts"),
+    (["create", "--steps", "0"], "--steps"),
+    (["create", "--votes_per_item", "-1"], "--votes_per_item"),
+    (["create", "--steps", "two"], "--steps"),
+    (["invite", "--n", "-3"], "--n"),
+])
+def test_counts_below_one_are_a_usage_error_naming_the_flag(tmp_path, capsys, argv, flag):
+    common = {"create": ["--model", "a=x", "--model", "b=y", "--prompts", "p.txt", "--images", str(tmp_path / "i")],
+              "invite": []}[argv[0]]
+    with pytest.raises(SystemExit) as err:
+        cli.main([*argv, *common, "--db", str(tmp_path / "study.sqlite")])
+    assert err.value.code == 2
+    assert re.search(rf"error: argument {flag}: (must be|expected an integer) ≥ 1", capsys.readouterr().err)
+    assert os.listdir(tmp_path) == []  # nothing created
+
+
+def test_log_records_show_no_token():
+    token = "Zq3_8xY-kLm2NpQr5StUvWx7Yz0AbCdE"
+    record = logging.LogRecord("werkzeug", logging.INFO, __file__, 1, '127.0.0.1 - - [01/Dec/2026 10:00:00] "%s" %s %s',
+                               (f"GET /s/{token}/img/0a1b2c3d4e5f6a7b.png HTTP/1.1", "200", "-"), None)
+    assert REDACT.filter(record) and token not in record.getMessage()
+    assert '"GET /s/<redacted>/img/0a1b2c3d4e5f6a7b.png HTTP/1.1" 200 -' in record.getMessage()
+    assert redact(f"Exception on /admin/{token}/votes.csv [GET]") == "Exception on /admin/<redacted>/votes.csv [GET]"
+    assert redact(f"GET /S//{token}/ and /s%2F{token} and /x?a=1&token={token}&b=2") == \
+        "GET /S//<redacted>/ and /s%2F<redacted> and /x?a=1&token=<redacted>&b=2"
+    assert redact("GET /s/ HTTP/1.1") == "GET /s/ HTTP/1.1"

@@ -1,6 +1,8 @@
 """The real server over HTTP on 127.0.0.1: 16 annotators voting at once lose and duplicate nothing,
-and a server killed mid-study and restarted has every vote it had answered."""
+a server killed mid-study and restarted has every vote it had answered, a chunked body over the
+limit is refused whole, and the access log shows no token."""
 
+import http.client
 import os
 import random
 import re
@@ -159,3 +161,53 @@ def test_an_oversized_post_over_http_is_400(tmp_path, server):
     r = requests.post(f"{url}/s/{t1}/vote", data={"item": "1", "overall": "left", "pad": "x" * 50_000}, timeout=30)
     assert r.status_code == 400 and "too large" in r.text
     assert requests.get(f"{url}/s/{t1}/", timeout=30).status_code == 200  # and the server goes on
+
+
+def chunked_post(url, path, body: bytes, chunk=1000) -> tuple[int, str]:
+    """POST `body` with Transfer-Encoding: chunked (no Content-Length) → (status, text)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", path)
+    conn.putheader("Content-Type", "application/x-www-form-urlencoded")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    for i in range(0, len(body), chunk):
+        conn.send(b"%x\r\n%s\r\n" % (len(body[i:i + chunk]), body[i:i + chunk]))
+    conn.send(b"0\r\n\r\n")
+    r = conn.getresponse()
+    out = r.status, r.read().decode()
+    conn.close()
+    return out
+
+
+def test_a_chunked_post_over_the_limit_is_refused_not_cut(tmp_path, server):
+    db_path, _, (t1, *_) = make_study(tmp_path, n_items=1, votes_per_item=1, n_annotators=1)
+    _, url = server(db_path)
+    item = next_item(requests.Session(), url, t1)
+    # cut at 4096 bytes this body would be a valid vote: it must be refused whole
+    status, text = chunked_post(url, f"/s/{t1}/vote", f"item={item}&overall=left".encode() + b"&" * 10_000)
+    assert status in (400, 413) and "too large" in text
+    assert stored(db_path) == {}
+    status, _ = chunked_post(url, f"/s/{t1}/vote", f"item={item}&overall=right".encode() + b"&" * 4000, chunk=7)
+    assert status == 303 and stored(db_path) == {(0, item, "overall"): "right"}  # under the limit: counted
+
+
+def test_the_access_log_never_shows_a_token(tmp_path, server):
+    db_path, admin, (t1, t2) = make_study(tmp_path, n_items=2, votes_per_item=1, n_annotators=2)
+    _, url = server(db_path)
+    session = requests.Session()
+    item = next_item(session, url, t1)
+    assert post_vote(session, url, t1, item, {"overall": "left"}) == 303
+    for path in (f"/s/{t2}/", f"/admin/{admin}/", f"/admin/{admin}/votes.csv", f"/s/{'x' * 32}/",
+                 f"/s//{t1}/", f"/s/{t1}/img/nothing.png", f"/?token={t1}&admin={admin}"):
+        session.get(url + path, timeout=30)
+    log = tmp_path / "server-0.log"
+    for _ in range(100):  # a line is written before its response is sent; wait for the last one anyway
+        if "token=" in log.read_text():
+            break
+        time.sleep(0.05)
+    text = log.read_text()
+    assert text.count("GET /s/<redacted>/") >= 2 and "POST /s/<redacted>/vote" in text  # (amid colour codes)
+    assert "/admin/<redacted>/votes.csv" in text and "token=<redacted>&admin=<redacted>" in text
+    for secret in (t1, t2, admin, "x" * 32):
+        assert secret not in text

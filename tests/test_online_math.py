@@ -82,6 +82,9 @@ def test_dpo_pairs_best_vs_worst_skip_groups_without_spread():
     r = torch.tensor([[0.2, 1.0, 0.5], [0.5, 0.5, 0.5], [0.0, 0.3, 1.0]])
     best, worst = dpo_pairs(r)
     assert best.tolist() == [1, 8] and worst.tolist() == [0, 6]
+    r4 = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.5, 0.5, 0.5, 1.0]])
+    best, worst = dpo_pairs(r4, per_group=2)  # 2nd best vs 2nd worst too, where they differ
+    assert best.tolist() == [1, 7, 3] and worst.tolist() == [0, 6, 2]
 
 
 def test_sde_step_by_hand_and_sigma_zero_is_euler():

@@ -16,7 +16,8 @@ from base_model import pretrain
 from base_model.cli import parse
 from base_model.data import load_image_captions
 from base_model.mmdit import MMDiT
-from base_model.pretrain import DataOrder, PretrainConfig
+from base_model.pretrain import PretrainConfig
+from base_model.training import DataOrder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--num_train", "256", "--num_val", "16", "--num_samples", "4", "--sample_steps", "2",

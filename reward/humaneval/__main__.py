@@ -24,6 +24,17 @@ def model_arg(text: str) -> tuple[str, str]:
     return name, spec
 
 
+def count(text: str) -> int:
+    """argparse type: an integer ≥ 1 (argparse puts the flag's name before the message)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {n}")
+    return n
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m reward.humaneval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,21 +44,21 @@ def main(argv=None):
     c.add_argument("--model", type=model_arg, action="append", required=True,
                    help="NAME=SPEC, twice: A then B (a SPEC is CKPT, CKPT+ADAPTER or an adapter folder)")
     c.add_argument("--prompts", required=True, help="a shapes-world split name or a text file, one prompt a line")
-    c.add_argument("--n_prompts", type=int, default=0, help="prompts to take (a split needs it; 0: the whole file)")
-    c.add_argument("--n_per_prompt", type=int, default=2, help="items per prompt, each with its own seed")
-    c.add_argument("--votes_per_item", type=int, default=3, help="annotators wanted per item")
+    c.add_argument("--n_prompts", type=count, help="prompts to take (a split needs it; default: the whole file)")
+    c.add_argument("--n_per_prompt", type=count, default=2, help="items per prompt, each with its own seed")
+    c.add_argument("--votes_per_item", type=count, default=3, help="annotators wanted per item")
     c.add_argument("--db", required=True)
     c.add_argument("--images", required=True, help="folder for the PNGs (created)")
     # base_model.sampling's defaults, spelled out so that `serve` starts without importing torch
     c.add_argument("--solver", default="midpoint", choices=("euler", "midpoint"))
-    c.add_argument("--steps", type=int, default=5)
+    c.add_argument("--steps", type=count, default=5)
     c.add_argument("--guidance", type=float, default=2.0)
     c.add_argument("--shift", type=float, default=1.0)
     c.add_argument("--seed", type=int, default=0, help="item i is drawn with seed + i by both models")
 
     i = sub.add_parser("invite", help="add annotators and print their links (tokens are shown once)")
     i.add_argument("--db", required=True)
-    i.add_argument("--n", type=int, default=1)
+    i.add_argument("--n", type=count, default=1, help="annotators to add")
     i.add_argument("--url", default="http://127.0.0.1:8000", help="where the server is reached")
     i.add_argument("--admin", action="store_true", help="print a new admin link instead (the old one stops working)")
 

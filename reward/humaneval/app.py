@@ -7,9 +7,13 @@
     /admin/TOKEN/             win rates, votes per annotator, agreement; /admin/TOKEN/votes.csv
 
 Tokens travel in the path, so every link is self-contained and a cross-site form cannot guess its
-target; responses carry no-referrer so they do not leak onward. Balance: an annotator is given
-the item with the fewest live claims among those they have not seen and that have fewer than
-`votes_per_item`; a claim is live once voted on, or for `claim_minutes` after being shown.
+target; responses carry no-referrer so they do not leak onward, and log lines show them redacted.
+Images are served only as regular files inside the study's images folder, never through a link.
+A form body is at most `max_form_bytes`, chunked or not.
+
+Balance: an annotator is given the item with the fewest live claims among those they have not seen
+and that have fewer than `votes_per_item`; a claim is live once voted on, or for `claim_minutes`
+after being shown.
 """
 
 from __future__ import annotations
@@ -17,13 +21,16 @@ from __future__ import annotations
 import csv
 import hmac
 import io
+import logging
 import re
 import secrets
 import time
 
 import numpy as np
-from flask import Flask, Response, abort, g, redirect, render_template, request, send_from_directory, url_for
+from flask import Flask, Response, abort, g, redirect, render_template, request, send_file, url_for
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from base_model.errors import InputError
 
 from . import db
 from .study import QUESTIONS
@@ -45,6 +52,8 @@ WHERE n < :k"""
 DONE = """
 SELECT COUNT(*) FROM assignments a WHERE a.annotator_id = :me
   AND (SELECT COUNT(*) FROM votes v WHERE v.annotator_id = :me AND v.item_id = a.item_id) >= :nq"""
+# a token in a URL: a path segment after /s/ or /admin/, or a token= / admin= query value
+TOKEN_IN_URL = re.compile(r"(/(?:s|admin)(?:/|%2F)+)[^/\s?#\"]+|([?&;](?:token|admin)=)[^&;\s#\"]*", re.IGNORECASE)
 
 
 def create_app(db_path: str, claim_minutes: float = 30.0, max_form_bytes: int = 4096) -> Flask:
@@ -56,6 +65,8 @@ def create_app(db_path: str, claim_minutes: float = 30.0, max_form_bytes: int = 
     app.extensions["humaneval_db"] = keeper
     app.config["MAX_CONTENT_LENGTH"] = max_form_bytes
     app.jinja_env.autoescape = True  # also for any template name, not only *.html
+    for logger in (logging.getLogger("werkzeug"), app.logger):  # the access log, and "Exception on /s/…"
+        logger.addFilter(REDACT)  # once: addFilter skips a filter it already has
 
     def conn():
         if "db" not in g:
@@ -70,6 +81,19 @@ def create_app(db_path: str, claim_minutes: float = 30.0, max_form_bytes: int = 
     @app.before_request
     def _nonce():
         g.nonce = secrets.token_urlsafe(12)
+
+    @app.before_request
+    def _chunked_body_limit():
+        # A chunked body has no Content-Length: werkzeug stops reading it at MAX_CONTENT_LENGTH and
+        # would parse the part it read. Read it here (kept for request.form) and refuse what goes on.
+        if request.content_length is None and request.environ.get("wsgi.input_terminated"):
+            request.get_data(cache=True)
+            try:
+                more = request.stream.is_exhausted and request.environ["wsgi.input"].read(1)
+            except OSError:  # werkzeug's dechunker: a malformed chunk
+                abort(400, "malformed chunked body")
+            if more:
+                raise RequestEntityTooLarge()
 
     @app.after_request
     def _headers(resp):
@@ -193,7 +217,10 @@ def create_app(db_path: str, claim_minutes: float = 30.0, max_form_bytes: int = 
                             "AND ? IN (i.image_a, i.image_b)", (me, name)).fetchone()
         if ok is None:
             abort(404, "no such image among your items")
-        return send_from_directory(folder, name)  # safe_join: nothing outside the folder, ever
+        try:
+            return send_file(db.image_file(folder, name))
+        except InputError:
+            abort(404, "no such image among your items")
 
     # -- admin -----------------------------------------------------------------------------
 
@@ -233,6 +260,22 @@ def create_app(db_path: str, claim_minutes: float = 30.0, max_form_bytes: int = 
                         headers={"Content-Disposition": "attachment; filename=votes.csv"})
 
     return app
+
+
+class RedactTokens(logging.Filter):
+    """Every record's text with the tokens in it replaced by <redacted> (see `redact`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage()), ()
+        return True
+
+
+REDACT = RedactTokens()
+
+
+def redact(text: str) -> str:
+    """/s/TOKEN/… → /s/<redacted>/…, /admin/TOKEN/ → /admin/<redacted>/, token=… → token=<redacted>."""
+    return TOKEN_IN_URL.sub(lambda m: (m.group(1) or m.group(2)) + "<redacted>", text)
 
 
 def clock(t: float | None) -> str:

@@ -18,6 +18,8 @@ import os
 import sqlite3
 from contextlib import contextmanager
 
+from base_model.errors import InputError
+
 BUSY_TIMEOUT_MS = 30_000
 
 SCHEMA = """
@@ -115,3 +117,13 @@ def put(conn: sqlite3.Connection, key: str, value) -> None:
 def images_dir(conn: sqlite3.Connection, db_path: str) -> str:
     """The images folder, stored relative to the database's folder so a study can be moved whole."""
     return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(db_path)), get(conn, "images")))
+
+
+def image_file(folder: str, name: str) -> str:
+    """The path of image `name` in the study's images `folder`, checked: a regular file inside it,
+    reached through no symlink and no '..' (the folder itself may be one). Else an InputError naming it."""
+    path = os.path.realpath(folder) + os.sep + name  # not os.path.join: an absolute name must not replace the folder
+    if os.path.realpath(path) != path or not os.path.isfile(path):
+        raise InputError(f"image {os.path.join(folder, name)!r} is not a regular file inside the study's images "
+                         f"folder {folder!r} (missing, a symlink, or outside it)")
+    return path

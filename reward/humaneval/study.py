@@ -22,13 +22,13 @@ QUESTIONS = {  # key → the question an annotator answers; "overall" is the pre
 }
 
 
-def read_prompts(spec: str, n: int = 0) -> list[str]:
+def read_prompts(spec: str, n: int | None = None) -> list[str]:
     """A shapes-world split name ('heldout_prompts', …: its first `n` captions) or a text file with
-    one prompt a line (the first `n`, or all when n is 0); an empty line is an error naming it."""
+    one prompt a line (the first `n`, or all when n is None); an empty line is an error naming it."""
     from base_model.shapes import SPLIT_OFFSETS, make_split
 
     if spec in SPLIT_OFFSETS:
-        if n < 1:
+        if n is None or n < 1:
             raise ValueError(f"--prompts {spec!r} is a shapes split: give --n_prompts ≥ 1")
         return [s.caption for s in make_split(spec, n)]
     if not os.path.isfile(spec):
@@ -154,7 +154,7 @@ def export(db_path: str, output: str, question: str = "overall") -> dict:
         label_0, label_1 = majority(votes[item["id"]])
         jpg = []
         for col in ("image_a", "image_b"):
-            with open(os.path.join(folder, item[col]), "rb") as f:
+            with open(db.image_file(folder, item[col]), "rb") as f:
                 jpg.append(f.read())
         n = Counter(votes[item["id"]])
         rows.append({"caption": item["prompt"], "jpg_0": jpg[0], "jpg_1": jpg[1], "label_0": label_0,

@@ -1,0 +1,69 @@
+"""align.compare on a tiny random base: runs each method per seed, caches results, best-of-N at
+equal reward calls, the gain's CI, and the reward-hacking audit (diversity, FD, proxy)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from align import compare
+from base_model.mmdit import MMDiT, preset
+from reward.imagetext import ImageTextConfig, ImageTextModel
+from tests.conftest import randomize
+
+
+def test_gain_ci_by_hand():
+    base = np.zeros(8)
+    same = compare.gain_ci(base, [np.ones(8)] * 3, k=2)
+    assert same["mean"] == 1.0 and same["ci95"] == [1.0, 1.0] and same["per_seed"] == [1.0] * 3
+    mixed = compare.gain_ci(base, [np.ones(8), np.zeros(8)], k=2)  # seeds disagree: the CI spans them
+    assert mixed["mean"] == 0.5 and mixed["ci95"][0] == 0.0 and mixed["ci95"][1] == 1.0
+
+
+def test_config_errors_name_the_file_and_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"base": "b", "methods": {"x": {"config": "c.yaml"}}}))
+    with pytest.raises(ValueError, match=r"c.yaml: methods.x needs 'module'"):
+        compare.load_config(str(path), {})
+    path.write_text(yaml.safe_dump({"base": "b", "methods": {}, "typo": 1}))
+    with pytest.raises(ValueError, match=r"c.yaml: .*typo"):
+        compare.load_config(str(path), {})
+    path.write_text(yaml.safe_dump({"base": "b", "methods": {"bon": {"best_of_n": "nope"}}}))
+    with pytest.raises(ValueError, match=r"best_of_n names 'nope'"):
+        compare.load_config(str(path), {})
+
+
+@pytest.mark.slow
+def test_compare_runs_seeds_caches_and_audits(tmp_path, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    base = str(tmp_path / "base")
+    torch.manual_seed(0)
+    randomize(MMDiT(preset("toy", depth=2, hidden=32, heads=2)), std=0.02).save_pretrained(base)
+    with open(os.path.join(base, "conditioning.json"), "w") as f:
+        json.dump({"text_encoders": ["minilm"], "image_space": "pixels", "resolution": 32}, f)
+    audit = str(tmp_path / "imagetext")
+    ImageTextModel(ImageTextConfig(width=8, embed_dim=16, text_width=16, text_heads=2, text_depth=1)).save_pretrained(audit)
+    small = {"prompts_per_round": 2, "k": 2, "rounds": 1, "steps_per_round": 1, "per_device_train_batch_size": 2,
+             "sample_steps": 2, "num_samples": 2, "lora_r": 2, "lora_alpha": 2, "report_to": "none",
+             "reward": "py:tests.test_online:redness"}
+    cfg = {"base": base, "output_dir": str(tmp_path / "cmp"), "seeds": [0, 1], "splits": ["val"], "n_prompts": 3,
+           "n_per_prompt": 2, "audit_model": audit,
+           "methods": {"raft": {"module": "align.online", "flags": {**small, "method": "raft", "raft_threshold": -9.0}},
+                       "bon": {"best_of_n": "raft"}}}
+    path = tmp_path / "cmp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    compare.main(["--config", str(path)])
+    res = json.load(open(tmp_path / "cmp" / "compare.json"))
+    raft, bon = res["methods"]["raft"], res["methods"]["bon"]
+    assert raft["reward_calls"] == 4 and len(raft["splits"]["val"]["gain"]["per_seed"]) == 2
+    assert bon["best_of"] == 2  # 4 reward calls over 6 images → at least 2 candidates each
+    audit_row = raft["splits"]["val"]["audit"]
+    assert {"proxy", "diversity", "fd", "flags", "proxy_gain"} <= set(audit_row) and audit_row["fd"] >= 0
+    assert os.path.isfile(tmp_path / "cmp" / "compare.html")
+    done = tmp_path / "cmp" / "raft" / "seed-0" / "result.json"
+    stamp = os.path.getmtime(done)
+    compare.main(["--config", str(path)])  # everything cached: no run again
+    assert os.path.getmtime(done) == stamp
