@@ -23,8 +23,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The whole pipeline on the built-in shapes world (configs/demo/): pretrain → on-policy pairs →
-# DPO with LoRA (and the SFT control) → evaluation → runs/demo/report.html and a printed summary.
+# The whole pipeline on the built-in shapes world (configs/demo/): pretrain → online alignment
+# with LoRA (DiffusionNFT, and the RAFT control) → evaluation → runs/demo/report.html and a printed summary.
 demo: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m align.demo
 

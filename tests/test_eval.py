@@ -56,7 +56,8 @@ def test_same_seeds_give_the_same_images_for_the_same_model(two, tmp_path):
     caps, _ = reval.read_prompts(cfg.prompts, 3)
     x1, _ = reval.generate(a, caps, cfg)
     x2, _ = reval.generate(a, caps[:2], cfg)  # a different batch: image i keeps seed i
-    assert torch.equal(x1[:4], x2)
+    # the same noise, so the same image; not bit-equal on every CPU: AVX-512 kernels round by batch size
+    assert torch.allclose(x1[:4], x2, atol=1e-5, rtol=0)  # measured: 6e-8 apart here
 
 
 def test_bad_inputs_are_named(two, tmp_path):
