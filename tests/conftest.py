@@ -23,6 +23,28 @@ def randomize(model, std=0.05):
     return model
 
 
+def save_tiny_base(path: str) -> str:
+    """A tiny random MMDiT checkpoint with MiniLM conditioning on pixels: the base of the trainer tests."""
+    import json
+
+    from base_model.mmdit import MMDiT, preset
+
+    torch.manual_seed(0)
+    randomize(MMDiT(preset("toy", depth=2, hidden=32, heads=2)), std=0.02).save_pretrained(path)
+    with open(os.path.join(path, "conditioning.json"), "w") as f:
+        json.dump({"text_encoders": ["minilm"], "image_space": "pixels", "resolution": 32}, f)
+    return path
+
+
+@pytest.fixture
+def reset_accelerate():
+    """accelerate keeps process state in singletons: reset it after each in-process training run."""
+    yield
+    from accelerate.state import AcceleratorState, PartialState
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+
+
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 
 

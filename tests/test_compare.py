@@ -6,13 +6,11 @@ import os
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from align import compare
-from base_model.mmdit import MMDiT, preset
 from reward.imagetext import ImageTextConfig, ImageTextModel
-from tests.conftest import randomize
+from tests.conftest import save_tiny_base
 
 
 def test_gain_ci_by_hand():
@@ -39,11 +37,7 @@ def test_config_errors_name_the_file_and_key(tmp_path):
 @pytest.mark.slow
 def test_compare_runs_seeds_caches_and_audits(tmp_path, monkeypatch):
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    base = str(tmp_path / "base")
-    torch.manual_seed(0)
-    randomize(MMDiT(preset("toy", depth=2, hidden=32, heads=2)), std=0.02).save_pretrained(base)
-    with open(os.path.join(base, "conditioning.json"), "w") as f:
-        json.dump({"text_encoders": ["minilm"], "image_space": "pixels", "resolution": 32}, f)
+    base = save_tiny_base(str(tmp_path / "base"))
     audit = str(tmp_path / "imagetext")
     ImageTextModel(ImageTextConfig(width=8, embed_dim=16, text_width=16, text_heads=2, text_depth=1)).save_pretrained(audit)
     small = {"prompts_per_round": 2, "k": 2, "rounds": 1, "steps_per_round": 1, "per_device_train_batch_size": 2,

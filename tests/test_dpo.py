@@ -19,30 +19,19 @@ from base_model.cli import parse
 from base_model.flow import flow_loss
 from base_model.mmdit import MMDiT, preset
 from base_model.shapes import make_split, render
-from tests.conftest import randomize
+from tests.conftest import randomize, save_tiny_base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--per_device_train_batch_size", "4", "--logging_steps", "1", "--eval_steps", "1000", "--num_samples", "2",
          "--sample_steps", "2", "--report_to", "none", "--beta", "100", "--lora_r", "4", "--lora_alpha", "4"]
 
 
-@pytest.fixture(autouse=True)
-def _reset_accelerate():
-    yield
-    from accelerate.state import AcceleratorState, PartialState
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+pytestmark = pytest.mark.usefixtures("reset_accelerate")
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("base") / "final")
-    torch.manual_seed(0)
-    model = randomize(MMDiT(preset("toy", depth=2, hidden=32, heads=2)), std=0.02)
-    model.save_pretrained(path)
-    with open(os.path.join(path, "conditioning.json"), "w") as f:
-        json.dump({"text_encoders": ["minilm"], "image_space": "pixels", "resolution": 32}, f)
-    return path
+    return save_tiny_base(str(tmp_path_factory.mktemp("base") / "final"))
 
 
 @pytest.fixture(scope="module")

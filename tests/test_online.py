@@ -16,8 +16,8 @@ from align import online
 from align.online import OnlineConfig
 from base_model.adapters import load_model
 from base_model.cli import parse
-from base_model.mmdit import MMDiT, preset
-from tests.conftest import randomize
+from base_model.mmdit import MMDiT
+from tests.conftest import save_tiny_base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RED = "py:tests.test_online:redness"
@@ -42,23 +42,12 @@ def half_nan(images, prompts):
     return out
 
 
-@pytest.fixture(autouse=True)
-def _reset_accelerate():
-    yield
-    from accelerate.state import AcceleratorState, PartialState
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+pytestmark = pytest.mark.usefixtures("reset_accelerate")
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("base") / "final")
-    torch.manual_seed(0)
-    model = randomize(MMDiT(preset("toy", depth=2, hidden=32, heads=2)), std=0.02)
-    model.save_pretrained(path)
-    with open(os.path.join(path, "conditioning.json"), "w") as f:
-        json.dump({"text_encoders": ["minilm"], "image_space": "pixels", "resolution": 32}, f)
-    return path
+    return save_tiny_base(str(tmp_path_factory.mktemp("base") / "final"))
 
 
 def run(base, out, *flags):
