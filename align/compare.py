@@ -307,6 +307,7 @@ def table(results: dict) -> list[str]:
 def write_html(results: dict, path: str):
     import base64
     import io
+    from html import escape as html_escape
 
     import matplotlib
     matplotlib.use("Agg")
@@ -329,11 +330,11 @@ def write_html(results: dict, path: str):
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     img = base64.b64encode(buf.getvalue()).decode()
-    rows = "\n".join(f"<tr><td>{line}</td></tr>" for line in table(results))
+    rows = html_escape("\n".join(table(results)))
     html = (f"<!doctype html><meta charset=utf-8><title>flowalign: which alignment method pays</title>"
             f"<h1>Which alignment method pays</h1><p>Gain = accuracy − base accuracy, mean over seeds "
             f"{results['config']['seeds']}, 95% CI by bootstrap over seeds and prompts.</p>"
-            f"<table><pre>{rows}</pre></table><img src='data:image/png;base64,{img}'>")
+            f"<pre>{rows}</pre><img src='data:image/png;base64,{img}'>")
     with open(path + ".tmp", "w") as f:
         f.write(html)
     os.replace(path + ".tmp", path)

@@ -30,12 +30,12 @@ from tqdm.auto import tqdm
 from transformers import SchedulerType
 
 from base_model.adapters import BASE_RECORD, load, weights_sha256
-from base_model.cli import check_types, parse
+from base_model.cli import check_fields, check_types, parse
 from base_model.data import to_model_space
 from base_model.flow import DENSITIES, flow_loss, sample_t
 from base_model.training import (DataOrder, append_log, check_finite, clip_and_step, configure_deepspeed,
                                  make_accelerator, optimizer_and_scheduler, resolve_resume, save_checkpoint,
-                                 step_generator)
+                                 start_logging, step_generator)
 from base_model.sampling import GUIDANCE, SOLVER, SOLVERS, STEPS
 from base_model.shapes import save_grid
 
@@ -99,12 +99,8 @@ class DPOConfig:
                    "mixed_precision": ("no", "bf16"), "report_to": ("wandb", "none"),
                    "sample_solver": SOLVERS,
                    "lr_scheduler_type": tuple(t.value for t in SchedulerType)}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name} {getattr(self, name)!r}: choose from {list(allowed)}")
-        for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "lora_r"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be ≥ 1")
+        check_fields(self, choices,
+                     ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "lora_r"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,11 +197,7 @@ def main(cfg: DPOConfig):
             start = json.load(f)["step"]
         accelerator.load_state(resume)
         accelerator.print(f"resumed from {resume} at step {start}")
-    if cfg.report_to != "none":
-        accelerator.init_trackers("flowalign-dpo", config=asdict(cfg))
-    if accelerator.is_main_process:
-        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=2)
+    start_logging(accelerator, "flowalign-dpo", cfg)
 
     grid_cond = text.encode(list(dict.fromkeys(pairs.captions))[:cfg.num_samples])
     if start == 0:

@@ -45,6 +45,27 @@ def snapshot_adapter(peft_model, name: str, decay: float = 0.0) -> None:
     peft_model.set_adapter("default")
 
 
+def save_adapters(peft_model, folder: str, names) -> None:
+    """Each of the frozen adapters `names` that exists, in PEFT format under folder/NAME/NAME."""
+    import os
+
+    for name in names:
+        if name in peft_model.peft_config:
+            peft_model.save_pretrained(os.path.join(folder, name), selected_adapters=[name])
+
+
+def load_adapter_weights(peft_model, name: str, path: str) -> None:
+    """Adapter `name` (created frozen when missing) from a folder `save_adapters` wrote."""
+    import os
+
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if name not in peft_model.peft_config:
+        snapshot_adapter(peft_model, name)
+    set_peft_model_state_dict(peft_model, load_file(os.path.join(path, "adapter_model.safetensors")), adapter_name=name)
+
+
 def quantize_base(model: nn.Module, bits: int) -> nn.Module:
     """Replace every nn.Linear of the transformer blocks and final layer by bitsandbytes' 4-bit
     NF4 (`bits=4`) or 8-bit (`bits=8`) layer holding the same weights, frozen. Embedders stay in

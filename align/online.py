@@ -25,7 +25,7 @@ run the same training. Each process samples a contiguous share of the round's pr
 are gathered in prompt order. Output: `final/` (PEFT adapter + its base's path and SHA-256, loadable
 by every `--model` flag), `checkpoint-N/` (atomic, `--resume_from_checkpoint latest`), `log.jsonl`
 (a row per round: mean reward, zero-spread share, the method's metrics, images/s, reward calls,
-elapsed seconds), `samples/round-R.png`.
+elapsed seconds), `samples/step-R.png` (R = the round).
 """
 
 from __future__ import annotations
@@ -40,17 +40,17 @@ import torch
 from tqdm.auto import tqdm
 
 from base_model.adapters import load, weights_sha256
-from base_model.cli import check_types, parse
+from base_model.cli import check_fields, check_types, parse
 from base_model.flow import DENSITIES, flow_loss, interpolate, sample_t
-from base_model.sampling import (GUIDANCE, SOLVER, SOLVERS, STEPS, euler_times, gaussian_logprob,
-                                 noise_from_seeds, sample, sde_solve, sde_step, with_cfg)
+from base_model.sampling import GUIDANCE, SOLVER, SOLVERS, STEPS, sample
 from base_model.training import (DataOrder, append_log, check_finite, clip_and_step, configure_deepspeed,
                                  make_accelerator, optimizer_and_scheduler, resolve_resume, save_checkpoint,
-                                 step_generator)
+                                 start_logging, step_generator)
 
 from .dpo import sample_grid, save_adapter
-from .loss import dpo_loss, group_advantages, grpo_loss, nft_loss, optimality_probability
-from .lora import DEFAULT_TARGETS, add_lora, snapshot_adapter
+from .grpo import grpo_step, old_logprobs, sde_rollout, transition_items
+from .loss import dpo_loss, group_advantages, nft_loss, optimality_probability
+from .lora import DEFAULT_TARGETS, add_lora, load_adapter_weights, save_adapters, snapshot_adapter
 from .pairs import prompts_from
 
 METHODS = ("dpo", "nft", "grpo", "raft")
@@ -125,13 +125,8 @@ class OnlineConfig:
         choices = {"method": METHODS, "sample_solver": SOLVERS, "timestep_density": DENSITIES,
                    "optimizer": ("adamw", "adamw_8bit"), "mixed_precision": ("no", "bf16"),
                    "report_to": ("wandb", "none")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name} {getattr(self, name)!r}: choose from {list(allowed)}")
-        for name in ("prompts_per_round", "rounds", "steps_per_round", "per_device_train_batch_size",
-                     "lora_r", "sample_steps", "grpo_steps", "save_rounds"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be ≥ 1")
+        check_fields(self, choices, ("prompts_per_round", "rounds", "steps_per_round", "per_device_train_batch_size",
+                                     "lora_r", "sample_steps", "grpo_steps", "save_rounds"))
         if self.k < 2:
             raise ValueError("--k must be ≥ 2: the signal is relative within a group")
         if self.reward_weights and len(self.reward_weights) != len(self.reward):
@@ -221,31 +216,12 @@ def rollout(policy, net, cond, prompts_idx, cfg: OnlineConfig, round_: int):
     rep = prompts_idx.repeat_interleave(cfg.k)
     seeds = [(cfg.seed * 1_000 + round_) * 1_000_000 + int(p) * cfg.k + j
              for p in prompts_idx.tolist() for j in range(cfg.k)]
-    ctx, pol = context[rep], pooled[rep]
-    if cfg.method != "grpo":
-        return sample(net, ctx, pol, seeds, policy.image_shape, steps=cfg.sample_steps, shift=policy.shift,
-                      guidance=cfg.guidance, uncond=policy.uncond, progress=False, solver=cfg.sample_solver), None
-    x = noise_from_seeds(seeds, policy.image_shape)
-    velocity = grpo_velocity(net, (ctx, pol), cfg.guidance, policy.uncond)
-    times = euler_times(cfg.grpo_steps, policy.shift)
-    window = None
-    if cfg.sde_window:  # Flow-GRPO-Fast: one random window per round, the same on every process
-        g = torch.Generator().manual_seed(cfg.seed * 7919 + round_ + 17)
-        start = int(torch.randint(cfg.grpo_steps - min(cfg.sde_window, cfg.grpo_steps - 1), (1,), generator=g))
-        window = range(start, start + cfg.sde_window)
-    with torch.no_grad():
-        x0, transitions = sde_solve(velocity, x, times, cfg.sde_a,
-                                    lambda j: noise_from_seeds([s * 101 + j for s in seeds], policy.image_shape),
-                                    window)
-    return x0, {"times": times, "transitions": transitions, "ctx": ctx, "pooled": pol}
-
-
-def grpo_velocity(net, cond: tuple, guidance: float, uncond):
-    if guidance == 1.0:
-        return lambda x, t: net(x, t, *cond)
-    u = tuple(torch.zeros_like(c) for c in cond) if uncond is None else \
-        tuple(c.expand(len(cond[0]), *c.shape[1:]) for c in uncond)
-    return with_cfg(net, guidance, cond, u)
+    if cfg.method == "grpo":
+        return sde_rollout(net, context[rep], pooled[rep], seeds, policy.image_shape, cfg, policy.shift,
+                           policy.uncond, round_)
+    return sample(net, context[rep], pooled[rep], seeds, policy.image_shape, steps=cfg.sample_steps,
+                  shift=policy.shift, guidance=cfg.guidance, uncond=policy.uncond, progress=False,
+                  solver=cfg.sample_solver), None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +250,7 @@ def step_loss(model, peft_model, cfg: OnlineConfig, buf: dict, idx: torch.Tensor
     `mine`). Noise and t are drawn for the global batch from `gen` and sliced."""
     n = len(idx)
     if cfg.method == "grpo":
-        return grpo_step(model, peft_model, cfg, buf, idx[mine])
+        return grpo_step(model, lambda: adapter(peft_model, None), buf, idx[mine], cfg)
     t = sample_t(n, cfg.timestep_density, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, cfg.shift,
                  generator=gen)[mine]
     shape = buf["x0"].shape[1:]
@@ -298,33 +274,6 @@ def step_loss(model, peft_model, cfg: OnlineConfig, buf: dict, idx: torch.Tensor
     with torch.no_grad(), adapter(peft_model, OLD):
         v_old = model(x_t, t, c, p)
     return nft_loss(model(x_t, t, c, p), v_old, x_t, x0, t, buf["r"][idx], cfg.nft_beta)
-
-
-def grpo_step(model, peft_model, cfg: OnlineConfig, buf: dict, idx: torch.Tensor):
-    """Clipped policy gradient on transitions `idx` (into the flattened (step, sample) list)."""
-    tr = buf["grpo"]
-    step_j, sample_i = tr["step"][idx], tr["sample"][idx]
-    times = buf["times"]
-    t, t_next = times[step_j], times[step_j + 1]
-    cond = (buf["context"][buf["prompt"][sample_i]], buf["pooled"][buf["prompt"][sample_i]])
-    x, x_next, std = tr["x"][idx], tr["x_next"][idx], tr["std"][idx]
-    mean = transition_mean(model, cond, cfg, buf["uncond"], x, t, t_next, std)
-    std_b = std.view(-1, 1, 1, 1)
-    logp = gaussian_logprob(x_next, mean, std_b)
-    kl = None
-    if cfg.kl_beta:
-        with torch.no_grad(), adapter(peft_model, None):
-            ref_mean = transition_mean(model, cond, cfg, buf["uncond"], x, t, t_next, std)
-        kl = ((mean - ref_mean) ** 2 / (2 * std_b ** 2)).mean((1, 2, 3))
-    return grpo_loss(logp, buf["old_logp"][idx], buf["adv"][sample_i], cfg.clip_range, kl, cfg.kl_beta)
-
-
-def transition_mean(model, cond, cfg, uncond, x, t, t_next, std):
-    """The SDE step's mean under `model` for transitions with their own (t, t_next, std) (B,)."""
-    v = grpo_velocity(model, cond, cfg.guidance, uncond)(x, t)
-    row = lambda a: a.view(-1, *[1] * (x.dim() - 1))  # noqa: E731
-    sigma = row(std) / (row(t) - row(t_next)).sqrt()  # std = σ·sqrt(−dt)
-    return sde_step(x, v, row(t), row(t_next), sigma)[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,11 +318,7 @@ def main(cfg: OnlineConfig):
                 load_adapter_weights(peft_model, name, os.path.join(resume, name, name))
         accelerator.load_state(resume)
         accelerator.print(f"resumed from {resume} after round {start_round}")
-    if cfg.report_to != "none":
-        accelerator.init_trackers("flowalign-online", config=asdict(cfg))
-    if accelerator.is_main_process:
-        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=2)
+    start_logging(accelerator, "flowalign-online", cfg)
 
     pool = prompt_pool(cfg.prompts)
     pool_context, pool_pooled = text.encode(pool)
@@ -406,13 +351,14 @@ def main(cfg: OnlineConfig):
         metrics_sum: dict[str, float] = {}
         if n_items:
             if cfg.method == "grpo":
-                buf["old_logp"] = old_logprobs(model, peft_model, cfg, buf, n_items, B * world, seed, round_, rank, B)
+                buf["old_logp"] = old_logprobs(model, buf, n_items, cfg.steps_per_round, B * world,
+                                               slice(rank * B, (rank + 1) * B), seed * 7919 + round_, cfg.guidance)
             order = DataOrder(n_items, seed * 7919 + round_)
             model.train()
+            use_ref = cfg.method == "dpo" and cfg.ref_update_steps > 0
             for s in range(cfg.steps_per_round):
                 idx = order.indices(s * B * world, B * world)
                 gen = step_generator(seed, step, 0)
-                use_ref = cfg.method == "dpo" and cfg.ref_update_steps > 0
                 with accelerator.accumulate(model):
                     loss, metrics = step_loss(model, peft_model, cfg, buf, idx, gen, slice(rank * B, (rank + 1) * B),
                                               use_ref)
@@ -447,7 +393,7 @@ def main(cfg: OnlineConfig):
         if done % cfg.save_rounds == 0 or done == cfg.rounds:
             last_ckpt = save_checkpoint(accelerator, cfg.output_dir, done, cfg.save_total_limit,
                                         {"round": done, "step": step, "reward_calls": reward_calls,
-                                         "elapsed": elapsed}, lambda d: save_frozen(peft_model, d))
+                                         "elapsed": elapsed}, lambda d: save_adapters(peft_model, d, (OLD, REF)))
 
     if accelerator.is_main_process:
         final = os.path.join(cfg.output_dir, "final")
@@ -470,64 +416,15 @@ def build_signal(buf: dict, cfg: OnlineConfig, rewards, adv, traj, gather_object
     if cfg.method == "nft":
         buf["r"] = optimality_probability(adv.flatten(), cfg.adv_clip_max)
         return len(buf["r"])
-    # grpo: every stochastic transition of every sample whose group has spread
-    buf["adv"], buf["times"] = adv.flatten(), traj["times"]
-    steps = [j for j, *_ in traj["transitions"]]
-    x = _gather(gather_object, torch.stack([s[1] for s in traj["transitions"]], 1))  # (N, S, C, H, W)
-    x_next = _gather(gather_object, torch.stack([s[2] for s in traj["transitions"]], 1))
-    N, S = x.shape[:2]
-    informative = (adv.flatten() != 0).nonzero().flatten()
-    sample_i = informative.repeat_interleave(S)
-    step_k = torch.arange(S).repeat(len(informative))
-    buf["grpo"] = {"sample": sample_i, "step": torch.tensor(steps)[step_k], "x": x[sample_i, step_k],
-                   "x_next": x_next[sample_i, step_k],
-                   "std": torch.tensor([s[3] for s in traj["transitions"]], dtype=torch.float32)[step_k]}
-    return len(sample_i)
-
-
-@torch.no_grad()
-def old_logprobs(model, peft_model, cfg, buf, n_items, n_global, seed, round_, rank, B):
-    """log π_old of every transition, computed before any update with the training forward in the
-    training's own micro-batches (an item's first one), so the first step's ratio is exactly 1."""
-    order = DataOrder(n_items, seed * 7919 + round_)
-    out = torch.zeros(n_items)
-    seen = torch.zeros(n_items, dtype=torch.bool)
-    for s in range(cfg.steps_per_round):
-        idx = order.indices(s * n_global, n_global)
-        mine = idx[rank * B:(rank + 1) * B]
-        if seen[mine].all():
-            continue
-        tr = buf["grpo"]
-        step_j, sample_i = tr["step"][mine], tr["sample"][mine]
-        t, t_next = buf["times"][step_j], buf["times"][step_j + 1]
-        cond = (buf["context"][buf["prompt"][sample_i]], buf["pooled"][buf["prompt"][sample_i]])
-        mean = transition_mean(model, cond, cfg, buf["uncond"], tr["x"][mine], t, t_next, tr["std"][mine])
-        lp = gaussian_logprob(tr["x_next"][mine], mean, tr["std"][mine].view(-1, 1, 1, 1))
-        fresh = ~seen[mine]
-        out[mine[fresh]] = lp[fresh]
-        seen[mine] = True
-    return out
+    buf["adv"], buf["times"] = adv.flatten(), traj["times"]  # grpo
+    buf["grpo"] = transition_items(traj, buf["adv"], lambda x: _gather(gather_object, x))
+    return len(buf["grpo"]["sample"])
 
 
 def _gather(gather_object, x: torch.Tensor) -> torch.Tensor:
     """Concatenate every process's rows in rank order (their prompt shares are contiguous)."""
     parts = gather_object([x])
     return torch.cat(parts) if len(parts) > 1 else parts[0]
-
-
-def save_frozen(peft_model, folder: str):
-    for name in (OLD, REF):
-        if name in peft_model.peft_config:
-            peft_model.save_pretrained(os.path.join(folder, name), selected_adapters=[name])
-
-
-def load_adapter_weights(peft_model, name: str, path: str):
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    if name not in peft_model.peft_config:
-        snapshot_adapter(peft_model, name)
-    set_peft_model_state_dict(peft_model, load_file(os.path.join(path, "adapter_model.safetensors")), adapter_name=name)
 
 
 if __name__ == "__main__":

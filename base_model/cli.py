@@ -28,6 +28,16 @@ def check_types(cfg) -> None:
             raise TypeError(f"{type(cfg).__name__}.{f.name}: expected {hint}, got {value!r} ({type(value).__name__})")
 
 
+def check_fields(cfg, choices: dict, at_least_one=()) -> None:
+    """Raise ValueError naming the flag whose value is not among its `choices`, or is below 1."""
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name} {getattr(cfg, name)!r}: choose from {list(allowed)}")
+    for name in at_least_one:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be ≥ 1")
+
+
 def _is(value, hint) -> bool:
     if hint is type(None):
         return value is None

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -30,8 +30,8 @@ from .flow import DENSITIES, flow_loss, sample_t, validation_loss
 from .mmdit import PRESETS, MMDiT, preset
 from .sampling import GUIDANCE, SOLVER, SOLVERS, STEPS, sample
 from .shapes import save_grid
-from .training import (DataOrder, append_log, check_finite, clip_and_step, configure_deepspeed,
-                       make_accelerator, optimizer_and_scheduler, resolve_resume, save_checkpoint, step_generator)
+from .training import (DataOrder, append_log, check_finite, clip_and_step, configure_deepspeed, make_accelerator,
+                       optimizer_and_scheduler, resolve_resume, save_checkpoint, start_logging, step_generator)
 
 
 @dataclass
@@ -222,11 +222,7 @@ def main(cfg: PretrainConfig):
         if ema is not None:
             ema.load_state_dict(MMDiT.from_pretrained(os.path.join(resume, "ema")).state_dict())
         accelerator.print(f"resumed from {resume} at step {start}")
-    if cfg.report_to != "none":
-        accelerator.init_trackers("flowalign-pretrain", config=asdict(cfg))
-    if accelerator.is_main_process:
-        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=2)
+    start_logging(accelerator, "flowalign-pretrain", cfg)
 
     order = DataOrder(len(train), seed)
     micro_global = B * world  # samples drawn per micro-step across processes

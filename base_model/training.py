@@ -29,6 +29,17 @@ def make_accelerator(output_dir: str, report_to: str, mixed_precision: str = "no
                        kwargs_handlers=cpu_process_group(), step_scheduler_with_optimizer=False)
 
 
+def start_logging(accelerator, project: str, cfg) -> None:
+    """Trackers (wandb) with the stage's config, and `output_dir/config.json` beside the run."""
+    from dataclasses import asdict
+
+    if cfg.report_to != "none":
+        accelerator.init_trackers(project, config=asdict(cfg))
+    if accelerator.is_main_process:
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=2)
+
+
 def configure_deepspeed(accelerator, micro_batch: int, max_grad_norm: float) -> None:
     """DeepSpeed needs the micro-batch and the clipping in its config before `prepare`."""
     if accelerator.state.deepspeed_plugin is not None:
