@@ -30,6 +30,9 @@ import numpy as np
 import torch
 import yaml
 
+from base_model.cli import ArgumentParser
+from base_model.errors import InputError, entry_point
+
 
 @dataclass
 class CompareConfig:
@@ -50,20 +53,23 @@ class CompareConfig:
 
 
 def load_config(path: str, overrides: dict) -> CompareConfig:
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise InputError(f"--config {path}: {e}") from e
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:
         cfg = CompareConfig(**raw)
     except TypeError as e:
-        raise ValueError(f"{path}: {e}") from e
+        raise InputError(f"{path}: {e}") from e
     for name, m in cfg.methods.items():
         keys = set(m)
         if "best_of_n" in m:
             if m["best_of_n"] not in cfg.methods:
-                raise ValueError(f"{path}: methods.{name}.best_of_n names {m['best_of_n']!r}, not a method")
+                raise InputError(f"{path}: methods.{name}.best_of_n names {m['best_of_n']!r}, not a method")
         elif not keys <= {"module", "config", "flags"} or "module" not in keys:
-            raise ValueError(f"{path}: methods.{name} needs 'module' (and optionally 'config', 'flags'); got {sorted(keys)}")
+            raise InputError(f"{path}: methods.{name} needs 'module' (and optionally 'config', 'flags'); got {sorted(keys)}")
     return cfg
 
 
@@ -74,22 +80,35 @@ def _command(module: str, config: str | None, flags: dict) -> list[str]:
     return cmd
 
 
+def _again(folder: str) -> list[str]:
+    """A folder left by a killed run continues from its checkpoint; one of a finished run whose command
+    has changed (or with no checkpoint) starts again."""
+    from base_model.training import latest_checkpoint
+
+    if latest_checkpoint(folder) and not os.path.isfile(os.path.join(folder, "result.json")):
+        return ["--resume_from_checkpoint", "latest"]
+    return ["--overwrite_output_dir", "true"] if os.path.isdir(folder) and os.listdir(folder) else []
+
+
 def _key(cmd: list[str], config: str | None) -> str:
     text = json.dumps(cmd[1:]) + (open(config).read() if config else "")
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def run_cached(cmd: list[str], config: str | None, folder: str, collect) -> dict:
-    """Run `cmd` unless `folder/result.json` records the same command; `collect()` → the result."""
+def run_cached(cmd: list[str], config: str | None, folder: str, collect, again=None) -> dict:
+    """Run `cmd` unless `folder/result.json` records the same command; `collect()` → the result.
+    `again()` → flags added when the command runs again over an earlier attempt's output (the
+    trainers refuse a used folder without --resume_from_checkpoint or --overwrite_output_dir)."""
     key, done = _key(cmd, config), os.path.join(folder, "result.json")
     if os.path.isfile(done):
         with open(done) as f:
             result = json.load(f)
         if result.get("key") == key:
             return result
-    print(f"\n[compare] {' '.join(cmd)}", flush=True)
+    run = cmd + (again() if again else [])
+    print(f"\n[compare] {' '.join(run)}", flush=True)
     t0 = time.time()
-    subprocess.run(cmd, check=True)
+    subprocess.run(run, check=True)
     result = {"key": key, "command": cmd, "wall_s": time.time() - t0, **collect()}
     os.makedirs(folder, exist_ok=True)
     with open(done + ".tmp", "w") as f:
@@ -166,8 +185,9 @@ def gain_ci(base: np.ndarray, runs: list[np.ndarray], k: int, n_boot: int = 2000
 # ---------------------------------------------------------------------------------------------
 
 
+@entry_point
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--base")
     ap.add_argument("--output_dir")
@@ -207,7 +227,8 @@ def main(argv=None):
     pairs_dir = os.path.join(out, "pairs")
     if any(m.get("module") == "align.dpo" for m in methods.values()):
         cmd = _command("align.pairs", None, {**cfg.pairs, "base": cfg.base, "output": pairs_dir})
-        run_cached(cmd, None, pairs_dir + "-run", lambda: {})
+        run_cached(cmd, None, pairs_dir + "-run", lambda: {},
+                   lambda: ["--overwrite_output_dir"] if os.path.isdir(pairs_dir) else [])
 
     def train(name, m, seed):
         folder = os.path.join(out, name, f"seed-{seed}")
@@ -215,7 +236,7 @@ def main(argv=None):
         if m["module"] == "align.dpo":
             flags["pairs"] = pairs_dir
         cmd = _command(m["module"], m.get("config"), flags)
-        return run_cached(cmd, m.get("config"), folder, lambda: _train_record(folder))
+        return run_cached(cmd, m.get("config"), folder, lambda: _train_record(folder), lambda: _again(folder))
 
     results = {"config": asdict(cfg), "base": {s: float(v.mean()) for s, v in base.items()}, "methods": {},
                "base_audit": {s: audit_summary([j]) for s, j in base_judged.items()} if audit else {}}

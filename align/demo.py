@@ -24,13 +24,16 @@ import subprocess
 import sys
 import time
 
+from base_model.cli import ArgumentParser
+from base_model.errors import InputError, entry_point
+
 STAGES = ("pretrain", "nft", "raft", "eval")
 
 
 def commands(configs: str, out: str) -> dict[str, list[str]]:
     base = f"{out}/pretrain/final"
     py = [sys.executable, "-m"]
-    return {
+    cmds = {
         "pretrain": py + ["base_model.pretrain", "--config", f"{configs}/pretrain.yaml", "--output_dir", f"{out}/pretrain"],
         "nft": py + ["align.online", "--config", f"{configs}/nft.yaml", "--base", base, "--output_dir", f"{out}/nft"],
         "raft": py + ["align.online", "--config", f"{configs}/raft.yaml", "--base", base, "--output_dir", f"{out}/raft"],
@@ -38,6 +41,8 @@ def commands(configs: str, out: str) -> dict[str, list[str]]:
                       "--model", f"nft={base}+{out}/nft/final", "--model", f"raft={base}+{out}/raft/final",
                       "--output_dir", f"{out}/eval"],
     }
+    # The demo owns its folder: a rerun of a stage replaces that stage's earlier output.
+    return {stage: cmd + ["--overwrite_output_dir"] for stage, cmd in cmds.items()}
 
 
 def summary(out: str, times: dict) -> list[str]:
@@ -59,8 +64,9 @@ def summary(out: str, times: dict) -> list[str]:
     return lines
 
 
+@entry_point
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="configs/demo")
     ap.add_argument("--output_dir", default="runs/demo")
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
@@ -70,7 +76,7 @@ def main(argv=None):
     for o in args.override:
         stage, _, flag = o.partition(":")
         if stage not in cmds or not flag.startswith("--"):
-            raise ValueError(f"--override {o!r}: expected STAGE:--flag=value with STAGE in {STAGES}")
+            raise InputError(f"--override {o!r}: expected STAGE:--flag=value with STAGE in {STAGES}")
         cmds[stage] += flag.split("=", 1)
     os.makedirs(args.output_dir, exist_ok=True)
     times_file = os.path.join(args.output_dir, "stage_times.json")
@@ -78,7 +84,9 @@ def main(argv=None):
     for stage in args.stages:
         print(f"\n[{stage}] {shlex.join(cmds[stage])}", flush=True)
         t0 = time.time()
-        subprocess.run(cmds[stage], check=True)
+        code = subprocess.run(cmds[stage]).returncode
+        if code:
+            raise SystemExit(f"demo stage {stage!r} failed (exit {code}); its message is above")
         times[stage] = time.time() - t0
         with open(times_file, "w") as f:
             json.dump(times, f, indent=2)

@@ -33,9 +33,11 @@ from base_model.adapters import BASE_RECORD, load, weights_sha256
 from base_model.cli import check_fields, check_types, parse
 from base_model.data import to_model_space
 from base_model.flow import DENSITIES, flow_loss, sample_t
-from base_model.training import (DataOrder, append_log, check_finite, clip_and_step, configure_deepspeed,
-                                 make_accelerator, optimizer_and_scheduler, resolve_resume, save_checkpoint,
-                                 start_logging, step_generator)
+from base_model.errors import InputError, entry_point
+from base_model.outputs import atomic_folder
+from base_model.training import (DataOrder, append_log, check_finite, check_run_folder, clip_and_step,
+                                 configure_deepspeed, make_accelerator, make_run_folder, optimizer_and_scheduler,
+                                 save_checkpoint, start_logging, step_generator)
 from base_model.sampling import GUIDANCE, SOLVER, SOLVERS, STEPS
 from base_model.shapes import save_grid
 
@@ -89,7 +91,8 @@ class DPOConfig:
     guidance: float = GUIDANCE
     num_samples: int = 16
     report_to: str = "wandb"
-    resume_from_checkpoint: str = ""
+    resume_from_checkpoint: str = ""  # "latest" or a checkpoint folder
+    overwrite_output_dir: bool = False  # replace a finished run in output_dir (as in transformers)
     seed: int = 0
 
     def __post_init__(self):
@@ -138,16 +141,13 @@ def dpo_step_losses(model, peft_model, batch: dict, loss_type: str):
 
 def save_adapter(peft_model, path: str, base: str, base_sha: str, extra: dict | None = None):
     """PEFT adapter + the base it applies to (path, SHA-256) + the base's conditioning, atomically."""
-    tmp = path.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(tmp, selected_adapters=["default"])
-    with open(os.path.join(tmp, BASE_RECORD), "w") as f:
-        json.dump({"base": os.path.abspath(base), "sha256": base_sha, **(extra or {})}, f, indent=2)
-    cond = os.path.join(base, "conditioning.json")
-    if os.path.isfile(cond):
-        shutil.copy(cond, os.path.join(tmp, "conditioning.json"))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    with atomic_folder(path) as tmp:
+        peft_model.save_pretrained(tmp, selected_adapters=["default"])
+        with open(os.path.join(tmp, BASE_RECORD), "w") as f:
+            json.dump({"base": os.path.abspath(base), "sha256": base_sha, **(extra or {})}, f, indent=2)
+        cond = os.path.join(base, "conditioning.json")
+        if os.path.isfile(cond):
+            shutil.copy(cond, os.path.join(tmp, "conditioning.json"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,21 +159,22 @@ def main(cfg: DPOConfig):
     from accelerate.utils import set_seed
 
     if not cfg.base or not cfg.pairs:
-        raise ValueError("--base CHECKPOINT and --pairs DIR are required")
+        raise InputError("--base CHECKPOINT and --pairs DIR are required")
     if "+" in cfg.base:
-        raise ValueError("--base must be a checkpoint or an SD3 folder; merge an adapter first "
+        raise InputError("--base must be a checkpoint or an SD3 folder; merge an adapter first "
                          "(python -m base_model.adapters merge)")
     B, accum, seed = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.seed
+    resume = check_run_folder(cfg)  # before anything is written or loaded
     # Frozen text encoders and VAE load before the Accelerator (ZeRO-3 would partition them).
     loaded = load(cfg.base)
     text, vae, model = loaded.text, loaded.space, loaded.model.train()
+    pairs = load_pairs(cfg.pairs, loaded.resolution)  # bad pairs stop here, with nothing written
     accelerator = make_accelerator(cfg.output_dir, cfg.report_to, cfg.mixed_precision, accum)
     set_seed(seed)
     world, rank = accelerator.num_processes, accelerator.process_index
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    make_run_folder(accelerator, cfg, resume)
 
     base_sha = weights_sha256(cfg.base)
-    pairs = load_pairs(cfg.pairs, loaded.resolution)
     accelerator.print(f"{len(pairs)} pairs from {cfg.pairs}; dropped {pairs.dropped}")
     data = encode_pairs(pairs, text, vae)
     if cfg.base_quantization != "none":
@@ -191,7 +192,6 @@ def main(cfg: DPOConfig):
     model, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
 
     start = 0
-    resume = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
     if resume:
         with open(os.path.join(resume, "trainer_state.json")) as f:
             start = json.load(f)["step"]
@@ -268,5 +268,10 @@ def sample_grid(policy, grid_cond, cfg, accelerator, step: int):
     policy.model.train()
 
 
+@entry_point
+def cli(argv):
+    main(parse(DPOConfig, argv))
+
+
 if __name__ == "__main__":
-    main(parse(DPOConfig))
+    cli()

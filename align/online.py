@@ -43,9 +43,10 @@ from base_model.adapters import load, weights_sha256
 from base_model.cli import check_fields, check_types, parse
 from base_model.flow import DENSITIES, flow_loss, interpolate, sample_t
 from base_model.sampling import GUIDANCE, SOLVER, SOLVERS, STEPS, sample
-from base_model.training import (DataOrder, append_log, check_finite, clip_and_step, configure_deepspeed,
-                                 make_accelerator, optimizer_and_scheduler, resolve_resume, save_checkpoint,
-                                 start_logging, step_generator)
+from base_model.errors import InputError, entry_point
+from base_model.training import (DataOrder, append_log, check_finite, check_run_folder, clip_and_step,
+                                 configure_deepspeed, make_accelerator, make_run_folder, optimizer_and_scheduler,
+                                 save_checkpoint, start_logging, step_generator)
 
 from .dpo import sample_grid, save_adapter
 from .grpo import grpo_step, old_logprobs, sde_rollout, transition_items
@@ -117,7 +118,8 @@ class OnlineConfig:
     save_total_limit: int = 2
     num_samples: int = 16  # the per-round sample grid
     report_to: str = "wandb"
-    resume_from_checkpoint: str = ""
+    resume_from_checkpoint: str = ""  # "latest" or a checkpoint folder
+    overwrite_output_dir: bool = False  # replace a finished run in output_dir (as in transformers)
     seed: int = 0
 
     def __post_init__(self):
@@ -285,14 +287,15 @@ def main(cfg: OnlineConfig):
     from accelerate.utils import gather_object, set_seed
 
     if not cfg.base:
-        raise ValueError("--base CHECKPOINT (or an SD3 folder) is required")
+        raise InputError("--base CHECKPOINT (or an SD3 folder) is required")
     B, seed = cfg.per_device_train_batch_size, cfg.seed
+    resume = check_run_folder(cfg)  # before anything is written or loaded
     loaded = load(cfg.base)
     text, space, model = loaded.text, loaded.space, loaded.model.train()
     accelerator = make_accelerator(cfg.output_dir, cfg.report_to, cfg.mixed_precision)
     set_seed(seed)
     world, rank = accelerator.num_processes, accelerator.process_index
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    make_run_folder(accelerator, cfg, resume)
     base_sha = weights_sha256(cfg.base)
     score = make_reward(cfg.reward, cfg.reward_weights)
 
@@ -308,7 +311,6 @@ def main(cfg: OnlineConfig):
     model, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
 
     start_round, step, reward_calls, elapsed = 0, 0, 0, 0.0
-    resume = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
     if resume:
         with open(os.path.join(resume, "trainer_state.json")) as f:
             state = json.load(f)
@@ -427,5 +429,10 @@ def _gather(gather_object, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
+@entry_point
+def cli(argv):
+    main(parse(OnlineConfig, argv))
+
+
 if __name__ == "__main__":
-    main(parse(OnlineConfig))
+    cli()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from base_model.errors import InputError, MissingInput, entry_point
 from base_model.data import _decode, _open_dataset, resize_center_crop
 from base_model.pickapic import REQUIRED, encode_png, pairs_dataset, write_pairs  # noqa: F401 (re-exported)
 from base_model.sampling import GUIDANCE, SOLVER, STEPS, add_sampler_args
@@ -44,8 +45,8 @@ def _open(path: str):
     try:
         return datasets.load_dataset(path, split="train")
     except Exception as e:
-        raise FileNotFoundError(f"pairs {path!r}: not a local folder or file, and not loadable from the "
-                                f"local datasets cache ({type(e).__name__}: {e})") from e
+        raise MissingInput(f"pairs {path!r}: not a local folder or file, and not loadable from the "
+                          f"local datasets cache ({type(e).__name__}: {e})") from e
 
 
 def load_pairs(path: str, resolution: int, max_bad_fraction: float = 0.01) -> Pairs:
@@ -58,7 +59,7 @@ def load_pairs(path: str, resolution: int, max_bad_fraction: float = 0.01) -> Pa
     ds = _open(path)
     missing = [c for c in REQUIRED if c not in ds.column_names]
     if missing:
-        raise ValueError(f"pairs {path!r} lack column(s) {missing}; Pick-a-Pic needs {list(REQUIRED)}")
+        raise InputError(f"pairs {path!r} lack column(s) {missing}; Pick-a-Pic needs {list(REQUIRED)}")
     dropped = {"tie": 0, "no_label": 0, "not_different": 0, "bad": 0}
     captions, chosen, rejected, bad = [], [], [], []
     for i, row in enumerate(ds):
@@ -91,10 +92,10 @@ def load_pairs(path: str, resolution: int, max_bad_fraction: float = 0.01) -> Pa
         rejected.append(images[1] if first_wins else images[0])
     dropped["bad"] = len(bad)
     if len(bad) > max_bad_fraction * len(ds):
-        raise ValueError(f"pairs {path!r}: {len(bad)} of {len(ds)} rows are bad (> {max_bad_fraction:.0%}): "
+        raise InputError(f"pairs {path!r}: {len(bad)} of {len(ds)} rows are bad (> {max_bad_fraction:.0%}): "
                          + "; ".join(bad[:20]))
     if not captions:
-        raise ValueError(f"pairs {path!r}: no usable pair (dropped: {dropped})")
+        raise InputError(f"pairs {path!r}: no usable pair (dropped: {dropped})")
     to_tensor = lambda imgs: torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()  # noqa: E731
     return Pairs(captions, to_tensor(chosen), to_tensor(rejected), dropped)
 
@@ -115,7 +116,7 @@ def choose_pairs(scores: torch.Tensor, rule: str = "threshold", threshold: float
         best, worst = order[0], order[-1]
         return [(best, worst)] if scores[best] - scores[worst] > margin else []
     if rule != "threshold":
-        raise ValueError(f"unknown pair rule {rule!r}; choose 'threshold' or 'best_worst'")
+        raise InputError(f"unknown pair rule {rule!r}; choose 'threshold' or 'best_worst'")
     winners = [i for i in order if scores[i] >= threshold]
     losers = [i for i in reversed(order) if scores[i] < threshold and scores[i] <= threshold - margin]
     return list(zip(winners, losers))[:max_pairs]
@@ -128,7 +129,7 @@ def prompts_from(spec: str, n: int, seed_offset: int = 0) -> list[str]:
     if spec in SPLIT_OFFSETS:
         return [s.caption for s in make_split(spec, seed_offset + n)[seed_offset:]]
     if not os.path.isfile(spec):
-        raise FileNotFoundError(f"--prompts {spec!r}: not a shapes split ({list(SPLIT_OFFSETS)}) nor a file")
+        raise MissingInput(f"--prompts {spec!r}: not a shapes split ({list(SPLIT_OFFSETS)}) nor a file")
     with open(spec) as f:
         lines = [line.strip() for line in f if line.strip()]
     return lines[:n] if n else lines
@@ -165,11 +166,13 @@ def on_policy_pairs(gen, prompts: list[str], k: int, reward: str, rule: str = "t
     return rows, {"summary": summary, "scores": scores.tolist(), "seeds": seeds}
 
 
+@entry_point
 def main(argv=None):
     from base_model.adapters import load
-    from base_model.cli import parse_with_config
+    from base_model.cli import ArgumentParser, parse_with_config
+    from base_model.pickapic import check_replaceable
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True, help="checkpoint, or CHECKPOINT+ADAPTER")
     ap.add_argument("--prompts", default="train", help="a shapes-world split name or a text file")
     ap.add_argument("--n_prompts", type=int, default=400)
@@ -183,7 +186,9 @@ def main(argv=None):
     add_sampler_args(ap)
     ap.add_argument("--seed", type=int, default=1_000_000)
     ap.add_argument("--output", required=True)
+    ap.add_argument("--overwrite_output_dir", action="store_true", help="replace pairs already at --output")
     args = parse_with_config(ap, argv)
+    check_replaceable(os.path.normpath(args.output), args.overwrite_output_dir)  # before any sampling
 
     gen = load(args.base)
     prompts = prompts_from(args.prompts, args.n_prompts, args.prompt_offset)
@@ -192,8 +197,8 @@ def main(argv=None):
                                  args.steps, args.guidance, seed=args.seed, model_name=args.base,
                                  solver=args.solver)
     if not rows:
-        raise SystemExit(f"no pair met the rule {args.rule!r}: {info['summary']}")
-    write_pairs(rows, args.output, {**info, "args": vars(args)})
+        raise InputError(f"no pair met the rule {args.rule!r}: {info['summary']}")
+    write_pairs(rows, args.output, {**info, "args": vars(args)}, args.overwrite_output_dir)
     print(json.dumps(info["summary"]))
 
 

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InputError
+from .cli import ArgumentParser
+from .errors import InputError, MissingInput, entry_point
 from .mmdit import MMDiT
+from .outputs import atomic_folder, check_model_output
 from .sd3 import is_sd3_folder
 
 BASE_RECORD = "flowalign_base.json"
@@ -55,18 +57,18 @@ def split_spec(spec: str) -> tuple[str, str | None]:
     if not adapter and is_adapter(base):
         base, adapter = read_base_record(base)["base"], base
     if not os.path.isfile(os.path.join(base, "config.json")) and not is_sd3_folder(base):
-        raise FileNotFoundError(f"model spec {spec!r}: {base!r} is neither an MMDiT checkpoint (no config.json) "
-                                "nor a diffusers SD3 folder (model_index.json + transformer/)")
+        raise MissingInput(f"model spec {spec!r}: {base!r} is neither an MMDiT checkpoint (no config.json) "
+                          "nor a diffusers SD3 folder (model_index.json + transformer/)")
     if adapter and not is_adapter(adapter):
-        raise FileNotFoundError(f"model spec {spec!r}: {adapter!r} is not a PEFT adapter folder "
-                                "(expected adapter_config.json and adapter_model.safetensors)")
+        raise MissingInput(f"model spec {spec!r}: {adapter!r} is not a PEFT adapter folder "
+                          "(expected adapter_config.json and adapter_model.safetensors)")
     return base, adapter or None
 
 
 def read_base_record(adapter: str) -> dict:
     path = os.path.join(adapter, BASE_RECORD)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{adapter!r} records no base model ({BASE_RECORD}); pass BASE+ADAPTER")
+        raise MissingInput(f"{adapter!r} records no base model ({BASE_RECORD}); pass BASE+ADAPTER")
     with open(path) as f:
         return json.load(f)
 
@@ -100,7 +102,7 @@ def apply_adapter(model, base: str, adapter: str | None, merge: bool = True):
     if os.path.isfile(record_path):
         expected = read_base_record(adapter)["sha256"]
         if weights_sha256(base) != expected:
-            raise ValueError(f"adapter {adapter!r} was trained on a base with SHA-256 {expected[:12]}…, "
+            raise InputError(f"adapter {adapter!r} was trained on a base with SHA-256 {expected[:12]}…, "
                              f"but {base!r} differs")
     from peft import PeftModel
 
@@ -170,24 +172,29 @@ def load(spec: str, merge: bool = True, sample_shift: float = 1.0) -> Loaded:
                   None, cond["image_space"], cond)
 
 
-def merge(spec: str, output: str) -> str:
-    """Write base + adapter as one plain checkpoint that `MMDiT.from_pretrained` loads."""
+def merge(spec: str, output: str, overwrite: bool = False) -> str:
+    """Write base + adapter as one plain checkpoint that `MMDiT.from_pretrained` loads (atomically;
+    an existing `output` is replaced only with `overwrite` and only when it is a checkpoint)."""
     base, _ = split_spec(spec)
+    check_model_output(output, overwrite)
     model = load_model(spec)
-    model.save_pretrained(output)
-    if os.path.isfile(os.path.join(base, "conditioning.json")):
-        shutil.copy(os.path.join(base, "conditioning.json"), os.path.join(output, "conditioning.json"))
+    with atomic_folder(output) as tmp:
+        model.save_pretrained(tmp)
+        if os.path.isfile(os.path.join(base, "conditioning.json")):
+            shutil.copy(os.path.join(base, "conditioning.json"), os.path.join(tmp, "conditioning.json"))
     return output
 
 
+@entry_point
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     m = sub.add_parser("merge", help="merge an adapter into its base and save a plain checkpoint")
     m.add_argument("--model", required=True, help="BASE+ADAPTER, or an adapter folder that records its base")
     m.add_argument("--output", required=True)
+    m.add_argument("--overwrite_output_dir", action="store_true", help="replace a checkpoint already at --output")
     args = ap.parse_args(argv)
-    print(f"merged model written to {merge(args.model, args.output)}")
+    print(f"merged model written to {merge(args.model, args.output, args.overwrite_output_dir)}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,11 @@ convert values that come from YAML.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import typing
+
+from .errors import InputError, MissingInput
 
 
 def check_types(cfg) -> None:
@@ -48,19 +51,40 @@ def _is(value, hint) -> bool:
     return isinstance(value, hint)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors (unknown flag, bad value) raise InputError: one line at the entry
+    point, naming the command and the flag, instead of the usage text. Sub-commands inherit it."""
+
+    def error(self, message):
+        raise InputError(f"{self.prog}: {message}")
+
+
 def parse(config_cls, argv=None):
-    """Parse `--config file.yaml` and flags into one `config_cls` instance."""
+    """Parse `--config file.yaml` and flags into one `config_cls` instance. A missing or unreadable
+    config file, an unknown key or flag, a wrong type or a bad choice is an InputError naming it."""
+    import yaml
     from trl import TrlParser
 
-    (cfg,) = TrlParser((config_cls,)).parse_args_and_config(argv)
+    parser = TrlParser((config_cls,))
+    parser.error = ArgumentParser.error.__get__(parser)
+    args = list(argv) if argv is not None else None
+    config = args[args.index("--config") + 1] if args and "--config" in args[:-1] else None
+    try:
+        (cfg,) = parser.parse_args_and_config(args)
+    except InputError:
+        raise
+    except FileNotFoundError as e:
+        raise MissingInput(f"--config {config or e.filename}: no such file") from e
+    except (OSError, yaml.YAMLError) as e:
+        raise InputError(f"--config {config}: {e}") from e
+    except (ValueError, TypeError) as e:
+        raise InputError(f"{config + ': ' if config else ''}{e}") from e
     return cfg
 
 
 def parse_with_config(ap, argv=None):
     """argparse with `--config file.yaml` for the stages whose flags are not a dataclass (pairs,
     eval): YAML keys become defaults, flags override them; an unknown key raises, naming it."""
-    import argparse
-
     import yaml
 
     pre = argparse.ArgumentParser(add_help=False)
@@ -68,16 +92,26 @@ def parse_with_config(ap, argv=None):
     known, rest = pre.parse_known_args(argv)
     ap.add_argument("--config", default=None, help="YAML file of flag values; flags given here override it")
     if known.config:
-        with open(known.config) as f:
-            values = yaml.safe_load(f) or {}
+        try:
+            with open(known.config) as f:
+                values = yaml.safe_load(f) or {}
+        except FileNotFoundError as e:
+            raise MissingInput(f"--config {known.config}: no such file") from e
+        except (OSError, yaml.YAMLError) as e:
+            raise InputError(f"--config {known.config}: {e}") from e
+        if not isinstance(values, dict):
+            raise InputError(f"--config {known.config}: expected a mapping of flag names to values")
         dests = {a.dest: a for a in ap._actions}
         unknown = sorted(set(values) - set(dests))
         if unknown:
-            raise ValueError(f"{known.config}: unknown key(s) {unknown}")
+            raise InputError(f"{known.config}: unknown key(s) {unknown}")
         for key, value in values.items():  # YAML values take the flag's type, as on the command line
             action = dests[key]
             if action.type is not None and value is not None:
-                value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
+                try:
+                    value = [action.type(v) for v in value] if isinstance(value, list) else action.type(value)
+                except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+                    raise InputError(f"{known.config}: {key}: {e}") from e
             dests[key].required = False
             ap.set_defaults(**{key: value})
     args = ap.parse_args(rest if known.config else argv)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import InputError, MissingInput
 from .shapes import WorldConfig, make_split, render
 
 
@@ -44,7 +45,7 @@ def _open_dataset(path: str):
     import datasets
 
     if not os.path.exists(path):
-        raise FileNotFoundError(f"dataset path {path!r} does not exist")
+        raise MissingInput(f"--dataset {path!r} does not exist")
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_info.json")):
         return datasets.load_from_disk(path)  # a save_to_disk folder
     if path.endswith(".parquet") or (os.path.isdir(path) and any(f.endswith(".parquet") for f in os.listdir(path))):
@@ -84,7 +85,7 @@ def load_image_captions(path: str, resolution: int, image_column: str = "image",
     ds = _open_dataset(path)
     missing = [c for c in (image_column, caption_column) if c not in ds.column_names]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; columns are {ds.column_names} "
+        raise InputError(f"{path}: missing column(s) {missing}; columns are {ds.column_names} "
                          f"(set --image_column / --caption_column)")
     if isinstance(ds.features[image_column], datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))  # decode here, row by row
@@ -98,8 +99,8 @@ def load_image_captions(path: str, resolution: int, image_column: str = "image",
             name = value.get("path") if isinstance(value, dict) and value.get("path") else f"row {i}"
             bad.append(f"{name} ({type(e).__name__})")
     if len(bad) > max_bad_fraction * len(ds):
-        raise ValueError(f"{path}: {len(bad)} of {len(ds)} images could not be decoded "
+        raise InputError(f"{path}: {len(bad)} of {len(ds)} images could not be decoded "
                          f"(more than {max_bad_fraction:.0%}): {', '.join(bad[:20])}")
     if not images:
-        raise ValueError(f"{path}: no images")
+        raise InputError(f"{path}: no images")
     return ImageCaptions(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions, len(bad))

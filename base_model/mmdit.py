@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
-from .errors import InputError
+from .errors import InputError, MissingInput
 
 # ---------------------------------------------------------------------------------------------
 # Config and presets
@@ -92,7 +92,7 @@ PRESETS: dict[str, dict] = {
 
 def preset(name: str, **overrides) -> MMDiTConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        raise InputError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return MMDiTConfig(**{**PRESETS[name], **overrides})
 
 
@@ -312,10 +312,10 @@ class MMDiT(nn.Module):
         """Rebuild a saved model; a bad config.json or model.safetensors is an InputError naming it."""
         cfg_file, weights = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
         if not os.path.isfile(cfg_file):
-            raise FileNotFoundError(f"{path} is not an MMDiT checkpoint: no config.json")
+            raise MissingInput(f"{path} is not an MMDiT checkpoint: no config.json")
         model = cls(read_config(cfg_file))
         if not os.path.isfile(weights):
-            raise FileNotFoundError(f"{path} is not an MMDiT checkpoint: no model.safetensors")
+            raise MissingInput(f"{path} is not an MMDiT checkpoint: no model.safetensors")
         try:
             state = load_file(weights, device=str(device))
         except (SafetensorError, OSError) as e:

@@ -12,13 +12,12 @@ import io
 import json
 import os
 import re
-import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image
 
 from .errors import InputError
+from .outputs import atomic_folder
 
 REQUIRED = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 OPTIONAL = {"model_0": "", "model_1": "", "user_id": 0, "ranking_id": 0, "image_0_uid": "", "image_1_uid": "",
@@ -42,30 +41,21 @@ def pairs_dataset(rows: list[dict]):
     return datasets.Dataset.from_dict({c: [r.get(c, OPTIONAL.get(c)) for r in rows] for c in columns})
 
 
-def write_pairs(rows: list[dict], output: str, info: dict) -> None:
-    """save_to_disk into a temporary folder, then swap it in: a kill never leaves half a dataset.
-    An existing `output` is replaced only when it is a folder of pairs written here; anything else
-    there is refused (InputError naming it), never deleted."""
+def write_pairs(rows: list[dict], output: str, info: dict, overwrite: bool = False) -> None:
+    """save_to_disk into a temporary folder, then swap it in (`outputs.atomic_folder`): a kill never
+    leaves half a dataset. An existing folder of pairs written here is replaced only with `overwrite`
+    (--overwrite_output_dir); anything else there is refused (InputError naming it), never deleted."""
     output = os.path.normpath(output)  # "runs/pairs/" names the folder itself
-    check_replaceable(output)
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(dir=parent, prefix=".tmp-pairs-")  # the new pairs, then the old; removed at the end
-    try:
-        new = os.path.join(work, "new")
+    check_replaceable(output, overwrite)
+    with atomic_folder(output) as new:
         pairs_dataset(rows).save_to_disk(new)
         with open(os.path.join(new, "pairs_info.json"), "w") as f:
             json.dump(info, f)
-        if os.path.isdir(output):
-            os.replace(output, os.path.join(work, "old"))
-        os.replace(new, output)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
-def check_replaceable(output: str) -> None:
-    """`output` must be absent, an empty folder, or a folder that write_pairs wrote: save_to_disk's
-    shards, state.json and dataset_info.json, and our pairs_info.json, nothing else."""
+def check_replaceable(output: str, overwrite: bool = False) -> None:
+    """`output` must be absent, an empty folder, or (with `overwrite`) a folder that write_pairs
+    wrote: save_to_disk's shards, state.json and dataset_info.json, and our pairs_info.json, nothing else."""
     if not os.path.lexists(output):
         return
     if os.path.islink(output) or not os.path.isdir(output):
@@ -76,3 +66,6 @@ def check_replaceable(output: str) -> None:
     if foreign or (names and "pairs_info.json" not in names):
         raise InputError(f"pairs output {output!r} holds what write_pairs did not write "
                          f"({(foreign or names)[:5]}); refusing to replace it: give a new or empty folder")
+    if names and not overwrite:
+        raise InputError(f"pairs output {output!r} already holds pairs: pass --overwrite_output_dir to replace "
+                         f"them, or give a new folder")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -30,8 +29,11 @@ from .flow import DENSITIES, flow_loss, sample_t, validation_loss
 from .mmdit import PRESETS, MMDiT, preset
 from .sampling import GUIDANCE, SOLVER, SOLVERS, STEPS, sample
 from .shapes import save_grid
-from .training import (DataOrder, append_log, check_finite, clip_and_step, configure_deepspeed, make_accelerator,
-                       optimizer_and_scheduler, resolve_resume, save_checkpoint, start_logging, step_generator)
+from .errors import entry_point
+from .outputs import atomic_folder
+from .training import (DataOrder, append_log, check_finite, check_run_folder, clip_and_step, configure_deepspeed,
+                       make_accelerator, make_run_folder, optimizer_and_scheduler, save_checkpoint, start_logging,
+                       step_generator)
 
 
 @dataclass
@@ -83,6 +85,7 @@ class PretrainConfig:
     num_samples: int = 16
     report_to: str = "wandb"  # "wandb" (offline without an account) or "none"
     resume_from_checkpoint: str = ""  # "latest" or a checkpoint folder
+    overwrite_output_dir: bool = False  # replace a finished run in output_dir (as in transformers)
     seed: int = 0
 
     def __post_init__(self):
@@ -183,6 +186,8 @@ def main(cfg: PretrainConfig):
 
     # Unpack the config once; functions below take explicit arguments.
     B, accum, seed = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.seed
+    resume = check_run_folder(cfg)  # before anything is written or loaded
+    train, val, prompts = prepare_data(cfg)  # a bad --dataset stops here, with nothing written
     # Frozen encoders are loaded before the Accelerator exists: under ZeRO-3 it would make
     # transformers partition their weights at load (zero.Init), and they are not trained.
     init = load(cfg.init_from) if cfg.init_from else None
@@ -193,9 +198,7 @@ def main(cfg: PretrainConfig):
     accelerator = make_accelerator(cfg.output_dir, cfg.report_to, cfg.mixed_precision, accum)
     set_seed(seed)
     world, rank = accelerator.num_processes, accelerator.process_index
-    os.makedirs(cfg.output_dir, exist_ok=True)
-
-    train, val, prompts = prepare_data(cfg)
+    make_run_folder(accelerator, cfg, resume)
     if train.skipped:
         accelerator.print(f"skipped {train.skipped} undecodable images")
     enc = encode_all(text, vae, train, val, prompts)
@@ -214,7 +217,6 @@ def main(cfg: PretrainConfig):
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     start = 0
-    resume = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
     if resume:
         accelerator.load_state(resume)
         with open(os.path.join(resume, "trainer_state.json")) as f:
@@ -305,18 +307,20 @@ def save_final(model, ema, accelerator, path, conditioning: dict):
     state = accelerator.get_state_dict(model)  # every process takes part under ZeRO-3
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        tmp = path.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if ema is not None:
-            ema.save_pretrained(tmp)
-        unwrapped.save_pretrained(os.path.join(tmp, "raw") if ema is not None else tmp, state_dict=state)
-        with open(os.path.join(tmp, "conditioning.json"), "w") as f:
-            json.dump(conditioning, f, indent=2)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        with atomic_folder(path) as tmp:
+            if ema is not None:
+                ema.save_pretrained(tmp)
+            unwrapped.save_pretrained(os.path.join(tmp, "raw") if ema is not None else tmp, state_dict=state)
+            with open(os.path.join(tmp, "conditioning.json"), "w") as f:
+                json.dump(conditioning, f, indent=2)
         accelerator.print(f"final model: {path}")
     accelerator.wait_for_everyone()
 
 
+@entry_point
+def cli(argv):
+    main(parse(PretrainConfig, argv))
+
+
 if __name__ == "__main__":
-    main(parse(PretrainConfig))
+    cli()

@@ -11,6 +11,8 @@ import argparse
 import json
 import os
 
+from .cli import ArgumentParser
+from .errors import entry_point
 from .mmdit import MMDiT
 from .sampling import add_sampler_args, sample
 from .shapes import make_split, save_grid
@@ -25,11 +27,12 @@ def load_conditioning(checkpoint: str) -> dict:
     return {"text_encoders": ["minilm"], "image_space": "pixels"}
 
 
+@entry_point
 def main(argv=None):
     from .text import TextEmbedder
     from .vae import image_space
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="a folder with config.json + model.safetensors")
     ap.add_argument("--prompts", nargs="*", default=None)
     ap.add_argument("--output_dir", default="runs/samples")

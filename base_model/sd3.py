@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 
 from .convert import config_from_diffusers, from_diffusers
+from .errors import InputError, MissingInput
 from .sampling import sample
 from .text import TextEmbedder, TextEncoder
 from .vae import LatentSpace
@@ -130,7 +131,7 @@ def scheduler_shift(path: str) -> float:
     cfg = _read_json(path, "scheduler", "scheduler_config.json")
     if used := [k for k in UNSUPPORTED_SCHEDULER if cfg.get(k)] + (
             ["num_train_timesteps"] if cfg.get("num_train_timesteps", 1000) != 1000 else []):
-        raise ValueError(f"{path}: scheduler options {used} are not supported: flowalign's Euler schedule is "
+        raise InputError(f"{path}: scheduler options {used} are not supported: flowalign's Euler schedule is "
                          "diffusers' FlowMatchEulerDiscreteScheduler with a constant shift and 1000 train steps")
     return float(cfg.get("shift", 1.0))
 
@@ -144,13 +145,13 @@ def load_sd3(path: str, device="cpu", dtype=torch.float32, max_sequence_length: 
     from diffusers import SD3Transformer2DModel
 
     if not is_sd3_folder(path):
-        raise FileNotFoundError(f"{path!r} is not a diffusers SD3 folder: expected model_index.json, transformer/, "
+        raise MissingInput(f"{path!r} is not a diffusers SD3 folder: expected model_index.json, transformer/, "
                                 "vae/, text_encoder{,_2,_3}/, tokenizer{,_2,_3}/ and scheduler/ as written by "
                                 "StableDiffusion3Pipeline.save_pretrained")
     try:  # check the architecture before reading gigabytes of weights
         config_from_diffusers(_read_json(path, "transformer", "config.json"))
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
+        raise InputError(f"{path}: {e}") from e
     shift = scheduler_shift(path)
     diffusers_model = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", local_files_only=True,
                                                             dtype=dtype)

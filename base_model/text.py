@@ -24,6 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModel, AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
+from .errors import InputError, MissingInput
+
 # Tokens per caption, fixed so that a caption's states never depend on its batch. 16 covers every
 # shapes-world caption (at most 10 WordPiece tokens) with room; 77 is CLIP's context and SD3's T5 length.
 MAX_LENGTH = {"minilm": 16, "clip": 77, "t5": 77}
@@ -57,7 +59,7 @@ def check_folder(path: str, what: str) -> None:
         missing.append("tokenizer files (" + " or ".join(TOKENIZER_FILES) + ", with tokenizer_config.json)")
     if missing:
         where = "folder" if os.path.isdir(path) else "path (it does not exist)"
-        raise FileNotFoundError(f"{what} {where} {path!r} lacks {'; '.join(missing)}. Expected one folder "
+        raise MissingInput(f"{what} {where} {path!r} lacks {'; '.join(missing)}. Expected one folder "
                                 "holding config.json, model weights and tokenizer files, as written by "
                                 "model.save_pretrained(path) and tokenizer.save_pretrained(path).")
 
@@ -69,9 +71,9 @@ class TextEncoder:
     def __init__(self, spec: str, max_length: int | None = None):
         kind, _, path = spec.partition(":")
         if kind not in MAX_LENGTH:
-            raise ValueError(f"unknown text encoder {spec!r}: use 'minilm', 'clip:PATH' or 't5:PATH'")
+            raise InputError(f"unknown text encoder {spec!r}: use 'minilm', 'clip:PATH' or 't5:PATH'")
         if kind != "minilm" and not path:
-            raise ValueError(f"text encoder {spec!r} needs a local folder, e.g. '{kind}:/models/{kind}'")
+            raise InputError(f"text encoder {spec!r} needs a local folder, e.g. '{kind}:/models/{kind}'")
         path = path or minilm_path()
         check_folder(path, f"{kind} text encoder")
         self.kind, self.spec, self.max_length = kind, spec, max_length or MAX_LENGTH[kind]
@@ -178,7 +180,7 @@ class TextEmbedder:
             context, pooled = f.get_tensor("context"), f.get_tensor("pooled")
         mine = json.loads(json.dumps([asdict(p) for p in self.layout]))
         if json.loads(meta["layout"]) != mine or int(meta["context_dim"]) != self.context_dim:
-            raise ValueError(f"text cache {path!r} was written for layout {meta['layout']} "
+            raise InputError(f"text cache {path!r} was written for layout {meta['layout']} "
                              f"(context_dim {meta['context_dim']}), not {mine} ({self.context_dim})")
         for c, x, y in zip(json.loads(meta["captions"]), context, pooled):
             self.cache[c] = (x, y)
@@ -220,6 +222,6 @@ def zero_encoders(context, pooled, layout: Sequence[Part], names: Sequence[str])
     for CFG's unconditional branch (which is then all zeros)."""
     known = [p.name for p in layout]
     if unknown := set(names) - set(known):
-        raise ValueError(f"unknown encoders {sorted(unknown)}; the layout has {known}")
+        raise InputError(f"unknown encoders {sorted(unknown)}; the layout has {known}")
     drop = torch.tensor([[name in names for name in known]], device=context.device)
     return zero_parts(context, pooled, layout, drop.expand(context.shape[0], -1))

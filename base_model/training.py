@@ -16,6 +16,9 @@ import shutil
 import torch
 from transformers import get_scheduler
 
+from .errors import MissingInput
+from .outputs import check_output_dir, clear_run_files, replace_folder
+
 
 def make_accelerator(output_dir: str, report_to: str, mixed_precision: str = "no", accum: int = 1):
     """An Accelerator for any stage: gloo between CPU processes, one LR step per optimizer step
@@ -64,10 +67,37 @@ def check_finite(loss: float, step: int, last_checkpoint: str | None) -> None:
 
 
 def resolve_resume(output_dir: str, resume_from_checkpoint: str) -> str | None:
-    """'latest' → the newest checkpoint of output_dir (None when there is none), else the folder given."""
+    """'latest' → the newest checkpoint of output_dir, else the folder given (None: a fresh run).
+    Either must exist: a resume that finds nothing is usually a mistyped folder, not a fresh start."""
+    if not resume_from_checkpoint:
+        return None
     if resume_from_checkpoint == "latest":
-        return latest_checkpoint(output_dir)
-    return resume_from_checkpoint or None
+        found = latest_checkpoint(output_dir)
+        if found is None:
+            raise MissingInput(f"--resume_from_checkpoint latest: no checkpoint-N folder in --output_dir {output_dir!r}")
+        return found
+    if not os.path.isfile(os.path.join(resume_from_checkpoint, "trainer_state.json")):
+        raise MissingInput(f"--resume_from_checkpoint {resume_from_checkpoint!r}: not a checkpoint folder "
+                           f"(no trainer_state.json)")
+    return resume_from_checkpoint
+
+
+def check_run_folder(cfg) -> str | None:
+    """Before a run writes anything: its --output_dir may be used (`outputs.check_output_dir`: a
+    finished or unfinished run, or a user's files, are refused without --overwrite_output_dir or
+    --resume_from_checkpoint) and a resume names a checkpoint. Returns that checkpoint, or None."""
+    check_output_dir(cfg.output_dir, cfg.overwrite_output_dir, cfg.resume_from_checkpoint)
+    return resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+
+
+def make_run_folder(accelerator, cfg, resume: str | None) -> None:
+    """Create --output_dir; a fresh run with --overwrite_output_dir first removes what an earlier run
+    wrote there (its `final/` stays until this run's replaces it; a user's files always stay)."""
+    if accelerator.is_main_process:
+        if cfg.overwrite_output_dir and not resume:
+            clear_run_files(cfg.output_dir)
+        os.makedirs(cfg.output_dir, exist_ok=True)
+    accelerator.wait_for_everyone()
 
 
 class DataOrder:
@@ -124,13 +154,16 @@ def save_checkpoint(accelerator, output_dir: str, step: int, keep: int, state: d
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()  # every rank's shards are written before the folder is renamed
     if accelerator.is_main_process:
-        if write_extra is not None:
-            write_extra(tmp)
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(state, f)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        old = sorted((d for d in os.listdir(output_dir) if d.startswith("checkpoint-")),
+        try:
+            if write_extra is not None:
+                write_extra(tmp)
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+                json.dump(state, f)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        replace_folder(tmp, final)
+        old = sorted((d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d[11:].isdigit()),
                      key=lambda d: int(d.split("-")[1]))
         for d in old[:-keep] if keep > 0 else []:
             shutil.rmtree(os.path.join(output_dir, d), ignore_errors=True)

@@ -17,6 +17,8 @@ from typing import Hashable, Sequence
 
 import torch
 
+from .errors import InputError, MissingInput
+
 
 class ImageSpace:
     """The shared part: a cache of encoded images by key."""
@@ -69,7 +71,7 @@ class LatentSpace(ImageSpace):
 
         if not os.path.isfile(os.path.join(path, "config.json")):
             where = "folder" if os.path.isdir(path) else "path (it does not exist)"
-            raise FileNotFoundError(f"VAE {where} {path!r} has no config.json: point at a folder written by "
+            raise MissingInput(f"VAE {where} {path!r} has no config.json: point at a folder written by "
                                     "AutoencoderKL.save_pretrained (for SD3, the repository's vae/ folder), "
                                     "holding config.json and diffusion_pytorch_model.safetensors")
         self.vae = AutoencoderKL.from_pretrained(path, local_files_only=True, dtype=torch.float32)
@@ -100,5 +102,5 @@ def image_space(spec: str = "pixels", sample: bool = False) -> ImageSpace:
         return PixelSpace()
     kind, _, path = spec.partition(":")
     if kind != "vae" or not path:
-        raise ValueError(f"unknown image space {spec!r}: use 'pixels' or 'vae:PATH'")
+        raise InputError(f"unknown image space {spec!r}: use 'pixels' or 'vae:PATH'")
     return LatentSpace(path, sample=sample)

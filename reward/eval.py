@@ -21,8 +21,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from base_model.adapters import load
-from base_model.cli import parse_with_config
+from base_model.adapters import load, split_spec
+from base_model.cli import ArgumentParser, parse_with_config
+from base_model.errors import InputError, MissingInput, entry_point
+from base_model.outputs import check_output_dir
 from base_model.data import shapes_data, to_model_space
 from base_model.flow import validation_loss
 from base_model.sampling import GUIDANCE, SOLVER, STEPS, add_sampler_args
@@ -57,12 +59,12 @@ def read_prompts(spec: str, n: int):
         scenes = make_split(spec, n)
         return [s.caption for s in scenes], scenes
     if not os.path.isfile(spec):
-        raise FileNotFoundError(f"--prompts {spec!r}: neither a shapes-world split {list(SPLIT_OFFSETS)} nor a file")
+        raise MissingInput(f"--prompts {spec!r}: neither a shapes-world split {list(SPLIT_OFFSETS)} nor a file")
     with open(spec) as f:
         lines = f.read().splitlines()
     for i, line in enumerate(lines, 1):
         if not line.strip():
-            raise ValueError(f"{spec}, line {i}: empty prompt")
+            raise InputError(f"{spec}, line {i}: empty prompt")
     return lines[:n] if n else lines, None
 
 
@@ -164,8 +166,9 @@ def summary_lines(out: dict) -> list[str]:
     return lines
 
 
+@entry_point
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", required=True, help="NAME=SPEC; the first is the reference")
     ap.add_argument("--prompts", default="heldout_prompts")
     ap.add_argument("--n_prompts", type=int, default=200)
@@ -178,14 +181,20 @@ def main(argv=None):
     ap.add_argument("--report_prompts", type=int, default=48)
     ap.add_argument("--output_dir", default="runs/eval")
     ap.add_argument("--report_to", default="none", choices=["none", "wandb"])
+    ap.add_argument("--overwrite_output_dir", action="store_true", help="replace the results already in --output_dir")
     args = parse_with_config(ap, argv)
     models = []
     for m in args.model:
         name, sep, spec = m.partition("=")
         if not sep or not name or not spec:
-            raise ValueError(f"--model {m!r}: expected NAME=SPEC")
+            raise InputError(f"--model {m!r}: expected NAME=SPEC, e.g. base=runs/toy/final")
+        split_spec(spec)  # every model is checked before the first is sampled
         models.append((name, spec))
-    cfg = EvalConfig(models=models, **{k: v for k, v in vars(args).items() if k not in ("model", "config")})
+    if len(dict(models)) != len(models):
+        raise InputError(f"--model: names must differ, got {[n for n, _ in models]}")
+    check_output_dir(args.output_dir, args.overwrite_output_dir)  # before hours of sampling, not after
+    cfg = EvalConfig(models=models, **{k: v for k, v in vars(args).items()
+                                       if k not in ("model", "config", "overwrite_output_dir")})
     out = evaluate(cfg)
     for line in summary_lines(out):
         print(line)

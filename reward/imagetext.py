@@ -22,8 +22,6 @@ import functools
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -34,6 +32,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from base_model.cli import check_types, parse
+from base_model.errors import entry_point
+from base_model.outputs import atomic_folder, check_model_output
 from base_model.shapes import Scene, WorldConfig, caption, make_split, render, scene_from_caption
 
 DEFAULT_PATH = "runs/reward/imagetext"
@@ -146,20 +146,11 @@ class ImageTextModel(nn.Module):
 def save_atomic(path: str, state: dict, config: dict, extra_files: dict[str, str] | None = None):
     """config.json + model.safetensors (+ extra text files) into a temporary folder renamed into
     place (as MMDiT.save_pretrained), so a kill never leaves half a checkpoint."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"))
-    for name, text in {"config.json": json.dumps(config, indent=2), **(extra_files or {})}.items():
-        with open(os.path.join(tmp, name), "w") as f:
-            f.write(text)
-    if os.path.exists(path):
-        old = path.rstrip("/") + ".old"
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
+    with atomic_folder(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"))
+        for name, text in {"config.json": json.dumps(config, indent=2), **(extra_files or {})}.items():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
 
 
 def read_checkpoint(path: str, what: str, how: str) -> tuple[dict, dict]:
@@ -384,6 +375,7 @@ class ImageTextTrainConfig:
     max_grad_norm: float = 1.0
     logging_steps: int = 25
     seed: int = 0
+    overwrite_output_dir: bool = False  # replace a model already at --output
 
     def __post_init__(self):
         check_types(self)
@@ -401,6 +393,7 @@ def main(cfg: ImageTextTrainConfig) -> dict:
 
     # Unpack the config once; functions below take explicit arguments.
     B, steps, seed, noise_std = cfg.batch_size, cfg.steps, cfg.seed, cfg.noise_std
+    check_model_output(cfg.output, cfg.overwrite_output_dir)  # before training, not after
     torch.manual_seed(seed)
     rng = random.Random(seed)
     start = time.time()
@@ -467,5 +460,10 @@ def main(cfg: ImageTextTrainConfig) -> dict:
     return result
 
 
+@entry_point
+def cli(argv):
+    main(parse(ImageTextTrainConfig, argv))
+
+
 if __name__ == "__main__":
-    main(parse(ImageTextTrainConfig))
+    cli()

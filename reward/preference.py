@@ -28,6 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from base_model.cli import check_types, parse
+from base_model.errors import entry_point
+from base_model.outputs import check_model_output
 
 from .imagetext import DEFAULT_PATH as IMAGETEXT_PATH
 from .imagetext import ImageTextConfig, ImageTextModel, minimal_edits, read_checkpoint, save_atomic, text_embedder
@@ -193,6 +195,7 @@ class PreferenceTrainConfig:
     weight_decay: float = 0.01
     logging_steps: int = 100
     seed: int = 0
+    overwrite_output_dir: bool = False  # replace a model already at --output
 
     def __post_init__(self):
         check_types(self)
@@ -216,6 +219,7 @@ def main(cfg: PreferenceTrainConfig) -> dict:
 
     # Unpack the config once; functions below take explicit arguments.
     B, steps, seed = cfg.batch_size, cfg.steps, cfg.seed
+    check_model_output(cfg.output, cfg.overwrite_output_dir)  # before training, not after
     torch.manual_seed(seed)
     start = time.time()
 
@@ -274,5 +278,10 @@ def main(cfg: PreferenceTrainConfig) -> dict:
     return result
 
 
+@entry_point
+def cli(argv):
+    main(parse(PreferenceTrainConfig, argv))
+
+
 if __name__ == "__main__":
-    main(parse(PreferenceTrainConfig))
+    cli()

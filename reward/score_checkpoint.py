@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from base_model.cli import ArgumentParser
+from base_model.errors import InputError, entry_point
 from base_model.mmdit import MMDiT
 from base_model.sample import load_conditioning
 from base_model.sampling import add_sampler_args, sample
@@ -34,8 +36,9 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return ((centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n))
 
 
+@entry_point
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--split", default="heldout_prompts")
     ap.add_argument("--n", type=int, default=600)
@@ -47,7 +50,7 @@ def main(argv=None):
     model = MMDiT.from_pretrained(args.checkpoint).eval()
     cond = load_conditioning(args.checkpoint)
     if cond["image_space"] != "pixels":
-        raise ValueError("the compositional scorer judges pixel-space shapes-world models")
+        raise InputError("--checkpoint: the compositional scorer judges pixel-space shapes-world models")
     scenes = make_split(args.split, args.n)
     context, pooled = TextEmbedder(cond["text_encoders"]).encode([s.caption for s in scenes])
     side = model.config.sample_size

@@ -16,6 +16,8 @@ import importlib
 
 import torch
 
+from base_model.errors import InputError
+
 from . import compositional
 
 # name → module of reward/ exposing `load(path: str | None) -> scorer`
@@ -39,10 +41,10 @@ def get_scorer(spec: str):
         try:
             return getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"reward {spec!r}: cannot import {attr!r} from {module!r} ({e})") from e
+            raise InputError(f"reward {spec!r}: cannot import {attr!r} from {module!r} ({e})") from e
     name, _, path = spec.partition(":")
     if name in SCORERS:
         return SCORERS[name]
     if name not in MODULES:
-        raise ValueError(f"unknown reward {name!r}; choose from {sorted(SCORERS) + sorted(MODULES)}")
+        raise InputError(f"unknown reward {name!r}; choose from {sorted(SCORERS) + sorted(MODULES)}")
     return importlib.import_module(MODULES[name]).load(path or None)

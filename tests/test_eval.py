@@ -60,7 +60,8 @@ def test_same_seeds_give_the_same_images_for_the_same_model(two, tmp_path):
     assert torch.allclose(x1[:4], x2, atol=1e-5, rtol=0)  # measured: 6e-8 apart here
 
 
-def test_bad_inputs_are_named(two, tmp_path):
+def test_bad_inputs_are_named(two, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWALIGN_DEBUG", "1")  # the errors themselves, not their one-line print
     a, _ = two
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\n\na blue circle\n")
@@ -74,7 +75,7 @@ def test_bad_inputs_are_named(two, tmp_path):
         reval.main(["--model", a, "--output_dir", str(tmp_path / "o")])
 
 
-def test_adapter_with_a_different_base_is_refused(two, tmp_path):
+def test_adapter_with_a_different_base_is_refused(two, tmp_path, monkeypatch):
     from align.lora import add_lora
     from base_model.adapters import BASE_RECORD, weights_sha256
 
@@ -84,17 +85,19 @@ def test_adapter_with_a_different_base_is_refused(two, tmp_path):
     with open(tmp_path / "adapter" / BASE_RECORD, "w") as f:
         json.dump({"base": a, "sha256": weights_sha256(a)}, f)
     shutil.copy(os.path.join(a, "conditioning.json"), tmp_path / "adapter")
+    monkeypatch.setenv("FLOWALIGN_DEBUG", "1")
     with pytest.raises(ValueError, match="SHA-256"):
         reval.main(["--model", f"x={b}+{tmp_path / 'adapter'}", "--n_prompts", "2", "--output_dir", str(tmp_path / "o")])
 
 
-def test_yaml_config_and_cli_models(two, tmp_path):
+def test_yaml_config_and_cli_models(two, tmp_path, monkeypatch):
     a, b = two
     y = tmp_path / "eval.yaml"
     y.write_text(f"n_prompts: 2\nn_per_prompt: 1\nsteps: 1\nval_images: 0\nmodel: [y={a}]\n")
     out = reval.main(["--config", str(y), "--model", f"z={b}", "--output_dir", str(tmp_path / "o")])
     assert list(out["models"]) == ["z"] and out["config"]["n_prompts"] == 2
     y.write_text("n_promptz: 2\n")
+    monkeypatch.setenv("FLOWALIGN_DEBUG", "1")
     with pytest.raises(ValueError, match="n_promptz"):
         reval.main(["--config", str(y), "--model", f"z={b}"])
 

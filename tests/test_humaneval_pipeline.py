@@ -49,9 +49,10 @@ def test_create_vote_export_and_train_dpo_on_the_votes(tmp_path, capsys):
               "--n_per_prompt", "2", "--votes_per_item", "1", "--db", db_path, "--images", str(images),
               "--steps", "2", "--guidance", "1"])
     admin = capsys.readouterr().out.split("/admin/")[1].split("/")[0]
-    with pytest.raises(SystemExit, match="exists"):  # a study is created once
+    with pytest.raises(SystemExit) as err:  # a study is created once
         cli.main(["create", "--model", f"base={a}", "--model", f"other={b}", "--prompts", str(prompts),
                   "--db", db_path, "--images", str(images)])
+    assert err.value.code == 2 and "exists" in capsys.readouterr().err
     assert len(os.listdir(images)) == 8  # 2 prompts × 2 seeds × 2 models
     cli.main(["invite", "--db", db_path, "--n", "1", "--url", "http://127.0.0.1:8000"])
     token = capsys.readouterr().out.split("/s/")[1].split("/")[0]

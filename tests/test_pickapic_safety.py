@@ -19,10 +19,13 @@ def rows(n):
             for i in range(n)]
 
 
-def test_writes_then_replaces_its_own_folder(tmp_path):
+def test_writes_then_replaces_its_own_folder_only_when_told(tmp_path):
     out = tmp_path / "pairs"
     write_pairs(rows(2), str(out), {"run": 1})
-    write_pairs(rows(3), str(out) + "/", {"run": 2})  # its own folder: replaced whole
+    with pytest.raises(InputError, match="already holds pairs.*--overwrite_output_dir"):
+        write_pairs(rows(3), str(out), {"run": 2})
+    assert json.loads((out / "pairs_info.json").read_text()) == {"run": 1}
+    write_pairs(rows(3), str(out) + "/", {"run": 2}, overwrite=True)  # its own folder: replaced whole
     assert len(datasets.load_from_disk(str(out))) == 3
     assert json.loads((out / "pairs_info.json").read_text()) == {"run": 2}
     assert os.listdir(tmp_path) == ["pairs"]  # no temporary folder left
@@ -44,7 +47,7 @@ def test_a_folder_holding_other_files_is_refused_untouched(tmp_path, extra):
         (out / extra).write_text("mine")
     before = sorted(os.listdir(out))
     with pytest.raises(InputError, match=f"{out}.*{extra.rstrip('/')}"):
-        write_pairs(rows(3), str(out), {"run": 2})
+        write_pairs(rows(3), str(out), {"run": 2}, overwrite=True)
     assert sorted(os.listdir(out)) == before and len(datasets.load_from_disk(str(out))) == 2
     assert sorted(os.listdir(tmp_path)) == ["pairs"]
 

@@ -15,6 +15,7 @@ from PIL import Image
 from base_model import pretrain
 from base_model.cli import parse
 from base_model.data import load_image_captions
+from base_model.errors import InputError
 from base_model.mmdit import MMDiT
 from base_model.pretrain import PretrainConfig
 from base_model.training import DataOrder
@@ -68,7 +69,7 @@ def test_unknown_cli_flag_raises():
 def test_wrong_type_in_yaml_raises(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("max_steps: 1.5\n")
-    with pytest.raises(TypeError, match="max_steps"):
+    with pytest.raises(InputError, match=r"c\.yaml: PretrainConfig\.max_steps: expected <class 'int'>, got 1\.5"):
         parse(PretrainConfig, ["--config", str(y)])
 
 

@@ -14,7 +14,9 @@ overall question (ties as 0.5/0.5) as Pick-a-Pic-schema pairs that `align.dpo --
 
 import argparse
 import json
-import sys
+
+from base_model.cli import ArgumentParser
+from base_model.errors import entry_point
 
 
 def model_arg(text: str) -> tuple[str, str]:
@@ -35,8 +37,9 @@ def count(text: str) -> int:
     return n
 
 
+@entry_point
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m reward.humaneval", description=__doc__,
+    ap = ArgumentParser(prog="python -m reward.humaneval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -73,12 +76,9 @@ def main(argv=None):
     e.add_argument("--db", required=True)
     e.add_argument("--output", required=True)
     e.add_argument("--question", default="overall", help="overall, adherence or quality")
+    e.add_argument("--overwrite_output_dir", action="store_true", help="replace pairs already exported to --output")
 
-    args = ap.parse_args(argv)
-    try:
-        run(args, ap)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        sys.exit(f"error: {err}")
+    run(ap.parse_args(argv), ap)
 
 
 def run(args, ap):
@@ -105,7 +105,7 @@ def run(args, ap):
 
         serve(args.db, args.host, args.port, args.claim_minutes)
     else:
-        print(json.dumps(study.export(args.db, args.output, args.question)))
+        print(json.dumps(study.export(args.db, args.output, args.question, args.overwrite_output_dir)))
 
 
 if __name__ == "__main__":

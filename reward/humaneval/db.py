@@ -18,7 +18,7 @@ import os
 import sqlite3
 from contextlib import contextmanager
 
-from base_model.errors import InputError
+from base_model.errors import InputError, MissingInput
 
 BUSY_TIMEOUT_MS = 30_000
 
@@ -94,12 +94,16 @@ def init(path: str) -> sqlite3.Connection:
 def open_study(path: str) -> sqlite3.Connection:
     """A connection to an existing study; a clear error when `path` is none."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"study database {path!r} does not exist; make one with `create`")
-    conn = connect(path)
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'items'").fetchone() is None:
+        raise MissingInput(f"--db {path!r}: the study database does not exist; make one with `create`")
+    try:
+        conn = sqlite3.connect(path)  # a plain look first: it writes nothing to a file that is not a database
+        found = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'items'").fetchone()
         conn.close()
-        raise ValueError(f"{path!r} is not a study database (no items table)")
-    return conn
+    except sqlite3.DatabaseError as e:
+        raise InputError(f"--db {path!r} is not a study database ({e})") from e
+    if found is None:
+        raise InputError(f"--db {path!r} is not a study database (no items table)")
+    return connect(path)
 
 
 def get(conn: sqlite3.Connection, key: str):

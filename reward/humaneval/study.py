@@ -13,6 +13,8 @@ from collections import Counter
 
 import numpy as np
 
+from base_model.errors import InputError, MissingInput
+
 from . import db
 
 QUESTIONS = {  # key → the question an annotator answers; "overall" is the preference exported
@@ -29,17 +31,17 @@ def read_prompts(spec: str, n: int | None = None) -> list[str]:
 
     if spec in SPLIT_OFFSETS:
         if n is None or n < 1:
-            raise ValueError(f"--prompts {spec!r} is a shapes split: give --n_prompts ≥ 1")
+            raise InputError(f"--prompts {spec!r} is a shapes split: give --n_prompts ≥ 1")
         return [s.caption for s in make_split(spec, n)]
     if not os.path.isfile(spec):
-        raise FileNotFoundError(f"--prompts {spec!r}: not a shapes split ({list(SPLIT_OFFSETS)}) nor a file")
+        raise MissingInput(f"--prompts {spec!r}: not a shapes split ({list(SPLIT_OFFSETS)}) nor a file")
     with open(spec, encoding="utf-8") as f:
         lines = f.read().splitlines()
     for i, line in enumerate(lines, 1):
         if not line.strip():
-            raise ValueError(f"{spec}:{i}: empty line; every line must hold a prompt")
+            raise InputError(f"{spec}:{i}: empty line; every line must hold a prompt")
     if not lines:
-        raise ValueError(f"{spec}: no prompt")
+        raise InputError(f"{spec}: no prompt")
     return [line.strip() for line in lines][:n or None]
 
 
@@ -61,11 +63,11 @@ def create_study(db_path: str, images: str, models: dict[str, str], items: list[
     from PIL import Image
 
     if len(models) != 2:
-        raise ValueError(f"a study compares two models, got {len(models)}: {list(models)}")
+        raise InputError(f"a study compares two models, got {len(models)}: {list(models)}")
     if votes_per_item < 1:
-        raise ValueError("--votes_per_item must be ≥ 1")
+        raise InputError("--votes_per_item must be ≥ 1")
     if os.path.exists(db_path):
-        raise FileExistsError(f"{db_path!r} exists; a study is created once (pick another --db)")
+        raise InputError(f"--db {db_path!r} exists; a study is created once (pick another --db)")
     os.makedirs(images, exist_ok=True)
     rows = []
     for prompt, seed, image_a, image_b in items:
@@ -93,7 +95,7 @@ def create(db_path: str, images: str, models: dict[str, str], prompts: list[str]
     """Sample both models on every prompt with seeds seed + p·n_per_prompt + j, then `create_study`.
     `sampler`: solver, steps, guidance, shift (the CLI's defaults are the shapes world's)."""
     if os.path.exists(db_path):  # fail before minutes of sampling, not after
-        raise FileExistsError(f"{db_path!r} exists; a study is created once (pick another --db)")
+        raise InputError(f"--db {db_path!r} exists; a study is created once (pick another --db)")
     captions = [p for p in prompts for _ in range(n_per_prompt)]
     seeds = [seed + i for i in range(len(captions))]
     a, b = (sample_images(spec, captions, seeds, sampler) for spec in models.values())
@@ -135,13 +137,14 @@ def majority(choices: list[str]) -> tuple[float, float]:
     return (1.0, 0.0) if top[0][0] == "A" else (0.0, 1.0)
 
 
-def export(db_path: str, output: str, question: str = "overall") -> dict:
+def export(db_path: str, output: str, question: str = "overall", overwrite: bool = False) -> dict:
     """Per item with votes on `question`: the majority label, as a Pick-a-Pic-schema `datasets`
     folder (jpg_0 = model A's image, jpg_1 = model B's; PNG bytes). Returns a summary."""
-    from base_model.pickapic import write_pairs
+    from base_model.pickapic import check_replaceable, write_pairs
 
+    check_replaceable(os.path.normpath(output), overwrite)
     if question not in QUESTIONS:
-        raise ValueError(f"--question {question!r}: choose from {list(QUESTIONS)}")
+        raise InputError(f"--question {question!r}: choose from {list(QUESTIONS)}")
     conn = db.open_study(db_path)
     models, folder = db.get(conn, "models"), db.images_dir(conn, db_path)
     votes: dict[int, list[str]] = {}
@@ -164,8 +167,8 @@ def export(db_path: str, output: str, question: str = "overall") -> dict:
                      "seed": item["seed"], "votes_0": n["A"], "votes_1": n["B"], "votes_tie": n["tie"]})
     conn.close()
     if not rows:
-        raise ValueError(f"{db_path!r}: no item has a vote on {question!r} yet; nothing to export")
+        raise InputError(f"{db_path!r}: no item has a vote on {question!r} yet; nothing to export")
     summary = {"items": len(rows), "question": question, "a_wins": sum(r["label_0"] == 1.0 for r in rows),
                "b_wins": sum(r["label_1"] == 1.0 for r in rows), "ties": sum(r["label_0"] == 0.5 for r in rows)}
-    write_pairs(rows, output, {"summary": summary, "models": models, "db": os.path.abspath(db_path)})
+    write_pairs(rows, output, {"summary": summary, "models": models, "db": os.path.abspath(db_path)}, overwrite)
     return summary
