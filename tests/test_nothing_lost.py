@@ -2,8 +2,10 @@
 line `error: …` with exit status 2 that leaves every file already there byte-identical."""
 
 import hashlib
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -65,6 +67,12 @@ def world(tmp_path):
              "label_0": 1.0, "label_1": 0.0} for s in make_split("train", 4)]
     pairs_dataset(rows).remove_columns(["label_1"]).to_parquet(str(tmp_path / "no_label_1.parquet"))
     save_tiny_base(str(tmp_path / "base"))
+    shutil.copytree(tmp_path / "base", tmp_path / "truncated")
+    with open(tmp_path / "truncated" / "model.safetensors", "r+b") as f:
+        f.truncate(4096)
+    shutil.copytree(tmp_path / "base", tmp_path / "str_hidden")
+    cfg = json.loads((tmp_path / "str_hidden" / "config.json").read_text())
+    (tmp_path / "str_hidden" / "config.json").write_text(json.dumps({**cfg, "hidden": "128"}))
     return tmp_path
 
 
@@ -84,6 +92,10 @@ CASES = {
                                                       "--resume_from_checkpoint", "latest"], r"no checkpoint"),
     "eval bad model spec": (reward_eval.main, ["--model", "base={t}/base", "--model", "dpo={t}/nowhere"],
                             r"nowhere.*neither an MMDiT checkpoint"),
+    "eval truncated weights": (reward_eval.main, ["--model", "base={t}/truncated", "--output_dir", "{t}/out"],
+                               r"truncated.model\.safetensors: unreadable, truncated or corrupt"),
+    "eval config.json with a string": (reward_eval.main, ["--model", "base={t}/str_hidden", "--output_dir", "{t}/out"],
+                                       r"str_hidden.config\.json.*'hidden'.*'128'"),
     "eval spec without a name": (reward_eval.main, ["--model", "{t}/base"], r"expected NAME=SPEC"),
     "humaneval create count 0": (humaneval.main, ["create", "--model", "a=x", "--model", "b=y", "--prompts", "p",
                                                   "--n_per_prompt", "0", "--db", "{t}/s.db", "--images", "{t}/i"],
