@@ -149,7 +149,9 @@ def judge(spec: str, split: str, n_prompts: int, k: int, best_of: int = 1, rewar
         pick = scores.argmax(1) + torch.arange(len(scores)) * best_of
         images, targets = images[pick], [targets[i] for i in pick.tolist()]
     judged = [compositional.judge(img, s) for img, s in zip(images, targets)]
-    out = {"correct": [float(j.correct) for j in judged], "task": [j.task for j in judged]}
+    out = {"correct": [float(j.correct) for j in judged], "task": [j.task for j in judged],
+           "strict": [float(j.correct and compositional.strict_correct(img, s))
+                      for j, img, s in zip(judged, images, targets)]}
     if audit_model:
         from reward.fid import frechet_distance
         from reward.imagetext import load as load_imagetext
@@ -213,7 +215,7 @@ def main(argv=None):
         if os.path.isfile(path):
             with open(path) as f:
                 cached = json.load(f)
-        if cached is None or (audit and "fd" not in cached):
+        if cached is None or "strict" not in cached or (audit and "fd" not in cached):
             res = judge(spec, split, cfg.n_prompts, k, best_of, cfg.reward, audit)
             os.makedirs(folder, exist_ok=True)
             with open(path + ".tmp", "w") as f:
@@ -270,6 +272,7 @@ def main(argv=None):
                              ([f"FD {a['fd']:.3f} > {cfg.fd_ceiling} × base {b['fd']:.3f}"]
                               if a["fd"] > cfg.fd_ceiling * b["fd"] else [])
                 a["proxy_gain"] = a["proxy"] - b["proxy"]
+                a["strict_gain"] = a["strict"] - b["strict"]  # gold-vs-proxy for a checker-trained method
                 entry["splits"][s]["audit"] = a
         results["methods"][name] = entry
         with open(os.path.join(out, f"{cfg.name}.json"), "w") as f:
@@ -280,8 +283,8 @@ def main(argv=None):
 
 
 def audit_summary(judged_runs: list[dict]) -> dict:
-    """Mean proxy score, diversity and FD over a method's seeds."""
-    return {k: float(np.mean([np.mean(j[k]) for j in judged_runs])) for k in ("proxy", "diversity", "fd")}
+    """Mean proxy score, diversity, FD and strict-checker accuracy over a method's seeds."""
+    return {k: float(np.mean([np.mean(j[k]) for j in judged_runs])) for k in ("proxy", "diversity", "fd", "strict")}
 
 
 def _train_record(folder: str) -> dict:
@@ -315,13 +318,15 @@ def table(results: dict) -> list[str]:
         s = splits[0]
         b = results["base_audit"][s]
         lines += ["", f"audit on {s}: proxy = in-project image–text score (100·cos), diversity = mean pairwise "
-                      "1 − cos of a prompt's images, FD to renders of the same scenes",
-                  f"{'base':14s} proxy {b['proxy']:6.2f}            diversity {b['diversity']:.3f}  FD {b['fd']:.3f}"]
+                      "1 − cos of a prompt's images, FD to renders of the same scenes, strict = accuracy under the "
+                      "stricter checker (no extra objects, unambiguous shapes, twice the position margin)",
+                  f"{'base':14s} proxy {b['proxy']:6.2f}            diversity {b['diversity']:.3f}  FD {b['fd']:.3f}  "
+                  f"strict {b['strict']:.1%}"]
         for name, e in results["methods"].items():
             a = e["splits"][s].get("audit")
             if a:
                 lines.append(f"{name:14s} proxy {a['proxy']:6.2f} ({a['proxy_gain']:+.2f})  diversity {a['diversity']:.3f}  "
-                             f"FD {a['fd']:.3f}  {'FLAGGED: ' + '; '.join(a['flags']) if a['flags'] else 'ok'}")
+                             f"FD {a['fd']:.3f}  strict {a['strict']:.1%} ({a['strict_gain'] * 100:+.1f})  {'FLAGGED: ' + '; '.join(a['flags']) if a['flags'] else 'ok'}")
     return lines
 
 

@@ -136,3 +136,17 @@ def test_overall_is_the_mean_of_present_task_accuracies():
     assert result["overall"] == pytest.approx(0.75)  # not 2/3, the mean over images
     assert result["correct"] == [True, False, True]
     assert result["graded"] == [1.0, 0.0, 1.0]
+
+
+def test_the_strict_checker_accepts_renders_and_refuses_what_the_checker_lets_pass():
+    from reward.compositional import strict_correct
+
+    rng = np.random.default_rng(0)
+    scenes = make_split("heldout_prompts", 300)
+    noisy = [np.clip(render(s) + rng.normal(0, 38, (32, 32, 3)), 0, 255).astype(np.uint8) for s in scenes]
+    assert all(strict_correct(render(s), s) for s in scenes)  # 300 clean renders, every task
+    assert all(strict_correct(img, s) for img, s in zip(noisy, scenes))  # and noisy ones
+    # an extra object passes GenEval's rule for two objects, not the strict one
+    two = next(s for s in scenes if s.task == "two_object")
+    single = dataclasses.replace(two, task="single_object", objects=two.objects[:1])
+    assert judge(render(two), single).correct and not strict_correct(render(two), single)
