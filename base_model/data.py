@@ -66,13 +66,15 @@ def _decode(value) -> Image.Image:
     return Image.open(value)
 
 
-def resize_center_crop(img: Image.Image, resolution: int) -> np.ndarray:
+def resize_center_crop(img: Image.Image, height: int, width: int | None = None) -> np.ndarray:
+    """Resize to cover height × width (a square `height` when width is None), then centre crop."""
+    width = width or height
     img = img.convert("RGB")
-    scale = resolution / min(img.size)
-    w, h = max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))
+    scale = max(height / img.height, width / img.width)
+    w, h = max(width, round(img.width * scale)), max(height, round(img.height * scale))
     img = img.resize((w, h), Image.BICUBIC)
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    return np.asarray(img.crop((left, top, left + resolution, top + resolution)))
+    left, top = (w - width) // 2, (h - height) // 2
+    return np.asarray(img.crop((left, top, left + width, top + height)))
 
 
 def load_image_captions(path: str, resolution: int, image_column: str = "image",
