@@ -92,11 +92,17 @@ class Cache:
         self.offsets = np.cumsum([0] + [s["count"] for s in self.shards])
         space = m["image_space"]
         self.channels, self.downsample = space["channels"], space["downsample"]
-        self.layout, self.text_shard_size = m["text"]["layout"], m["text"]["shard_size"]
+        self.text_shard_size = m["text"]["shard_size"]
         self._arrays: dict = {}  # opened lazily, so DataLoader workers open their own maps
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    def layout(self) -> list:
+        """The text encoders' `text.Part`s: which slices of context and pooled each one fills."""
+        from .text import Part
+
+        return [Part(p["name"], tuple(p["seq"]), tuple(p["pooled"]), p["width"]) for p in self.manifest["text"]["layout"]]
 
     def shape(self, bucket: int) -> tuple[int, int, int]:
         """(C, h, w) of a sample in `bucket`: the bucket's pixel size over the space's downsampling."""
@@ -166,12 +172,16 @@ class Cache:
             raise InputError(f"cache {self.path!r} has no text embedding of {captions[int(np.argmin(found))]!r}")
         return ids
 
+    def text_rows(self, ids) -> np.ndarray:
+        """The text-table rows of samples `ids`."""
+        return self._gather(np.asarray(ids, dtype=np.int64), self.offsets, lambda i: self._shard(i, "text"))
+
     def read(self, ids) -> dict[str, torch.Tensor]:
         """Samples `ids` (one bucket): float32 image tensors, their context and pooled embeddings."""
         ids = np.asarray(ids, dtype=np.int64)
         out = {f: torch.from_numpy(self._gather(ids, self.offsets, lambda i, f=f: self._shard(i, f))).float()
                for f in self.fields}
-        out["context"], out["pooled"] = self.text(self._gather(ids, self.offsets, lambda i: self._shard(i, "text")))
+        out["context"], out["pooled"] = self.text(self.text_rows(ids))
         return out
 
 

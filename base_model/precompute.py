@@ -95,20 +95,30 @@ def fingerprint(path: str) -> str:
     return h.hexdigest()
 
 
-def open_table(path: str, columns: list[str], image_columns: list[str]):
+def open_table(path: str, columns: list[str], image_columns: list[str], flag: str = "--dataset"):
     """A datasets.Dataset with `columns`, images left as bytes (decoded here, row by row)."""
     import datasets
 
     if not os.path.exists(path):
-        raise MissingInput(f"{path!r} does not exist")
+        raise MissingInput(f"{flag} {path!r} does not exist")
     ds = _open_dataset(path)
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
-        raise InputError(f"{path}: missing column(s) {missing}; columns are {ds.column_names}")
+        raise InputError(f"{flag} {path!r}: the data lack column(s) {missing}; columns are {ds.column_names}")
     for c in image_columns:
         if isinstance(ds.features[c], datasets.Image):
             ds = ds.cast_column(c, datasets.Image(decode=False))
     return ds
+
+
+def check_source(cfg: PrecomputeConfig) -> None:
+    """The input exists and has its columns: checked before anything is written."""
+    from .pickapic import REQUIRED
+
+    if cfg.pairs:
+        open_table(cfg.pairs, list(REQUIRED), [], "--pairs")
+    elif cfg.dataset != "shapes":
+        open_table(cfg.dataset, [cfg.image_column, cfg.caption_column], [])
 
 
 def row_name(value, i: int) -> str:
@@ -122,7 +132,7 @@ def scan(cfg: PrecomputeConfig) -> dict:
     dropped = {}
     if cfg.pairs:
         from .pickapic import REQUIRED
-        ds = open_table(cfg.pairs, list(REQUIRED), ["jpg_0", "jpg_1"])
+        ds = open_table(cfg.pairs, list(REQUIRED), ["jpg_0", "jpg_1"], "--pairs")
         cols = list(REQUIRED) + [c for c in ("has_label", "are_different") if c in ds.column_names]
         dropped = {"tie": 0, "no_label": 0, "not_different": 0, "bad": 0}
         i = 0
@@ -244,8 +254,11 @@ def make_plan(scanned: dict, table: list[tuple[int, int]], min_bucket: int, shar
 # ---------------------------------------------------------------------------------------------
 
 
-def conditioning(cfg: PrecomputeConfig) -> tuple[list[str], str]:
-    """(text encoders, image space): the flags', or those of --base's conditioning.json."""
+def conditioning(cfg: PrecomputeConfig, cond: tuple | None = None) -> tuple[list[str], str]:
+    """(text encoders, image space): `cond` when a trainer gives it, the flags', or those of --base's
+    conditioning.json."""
+    if cond is not None:
+        return list(cond[0]), cond[1]
     if not cfg.base:
         return list(cfg.text_encoders), cfg.image_space
     file = os.path.join(cfg.base, "conditioning.json")
@@ -281,15 +294,26 @@ def encode_images(space, images: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate(out)
 
 
+def up_to_date(cfg: PrecomputeConfig, cond: tuple | None = None) -> bool:
+    """The cache at cfg.output is complete and was made from these inputs and flags."""
+    file = os.path.join(cfg.output, MANIFEST)
+    if not os.path.isfile(file):
+        return False
+    m = read_manifest(cfg.output)
+    return bool(m.get("complete")) and m["identity"] == identity(cfg, *conditioning(cfg, cond))
+
+
 def precompute(cfg: PrecomputeConfig, rank: int = 0, world: int = 1, barrier=lambda: None,
-               text=None, space=None) -> str:
+               text=None, space=None, cond: tuple | None = None) -> str:
     """Build (or finish) the cache at cfg.output; every process of a launch calls it with its rank.
-    `text` / `space`: encoders already loaded (else loaded here, only if there is work left)."""
+    `text` / `space`: encoders already loaded (else loaded here, only if there is work left), and
+    `cond` their names (text encoders, image space) when they are not the flags'."""
     from .text import TextEmbedder
     from .vae import image_space
 
     out = os.path.normpath(cfg.output)
-    encoders, space_spec = conditioning(cfg)
+    check_source(cfg)
+    encoders, space_spec = conditioning(cfg, cond)
     ident = identity(cfg, encoders, space_spec)
     if os.path.isfile(os.path.join(out, MANIFEST)):
         old = read_manifest(out)
@@ -371,7 +395,7 @@ def write_plan(cfg: PrecomputeConfig, out: str, ident: dict, text, space) -> Non
         raise InputError(f"{cfg.pairs or cfg.dataset}: no usable row (dropped: {scanned['dropped']}, "
                          f"bad: {len(scanned['bad'])})")
     f = space.downsample
-    multiple = cfg.bucket_multiple or (16 * f if f > 1 else 8)
+    multiple = min(cfg.bucket_multiple or (16 * f if f > 1 else 8), cfg.resolution)
     table = (bucket_table(cfg.resolution ** 2, multiple) if cfg.aspect_buckets
              else [(cfg.resolution, cfg.resolution)])
     fields, plan = make_plan(scanned, table, cfg.min_bucket, cfg.shard_size, cfg.text_shard_size, cfg.prompts)
