@@ -34,8 +34,8 @@ def write_vae(path: str) -> None:
 
     torch.manual_seed(0)
     AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                  up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-                  latent_channels=4, norm_num_groups=4, sample_size=RES).save_pretrained(path)
+                  up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(4, 4, 4, 4), layers_per_block=0,
+                  latent_channels=4, norm_num_groups=1, sample_size=RES).save_pretrained(path)
 
 
 def write_base(path: str, vae: str) -> None:

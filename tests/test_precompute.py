@@ -193,3 +193,18 @@ def test_global_batches_are_disjoint_per_process_and_resume_in_o1():
     assert not np.array_equal(g(0)[1], g(g.per_epoch)[1]) or g(0)[0] != g(g.per_epoch)[0]  # a new epoch reshuffles
     with pytest.raises(InputError, match="min_bucket 8"):
         GlobalBatches({0: np.arange(10), 1: np.arange(10, 15)}, 8, seed=0)
+
+
+def test_each_process_reads_its_slice_and_the_slices_make_the_global_batch(tmp_path):
+    from base_model.cache import loader
+
+    out = pc.precompute(config("--num_images", "40", "--shard_size", "16", "--min_bucket", "8",
+                               "--output", str(tmp_path / "c")))
+    c = Cache(out)
+    batches = GlobalBatches(c.buckets(), 8, seed=1)
+    per_rank = [list(loader(Cache(out), batches, r, 2, 3, 7, num_workers=1)) for r in range(2)]
+    single = list(loader(Cache(out), batches, 0, 1, 3, 7, num_workers=0))
+    for k, (a, b, one) in enumerate(zip(*per_rank, single)):
+        assert not set(a["ids"].tolist()) & set(b["ids"].tolist())
+        assert torch.cat([a["ids"], b["ids"]]).tolist() == batches(3 + k)[1].tolist() == one["ids"].tolist()
+        assert torch.equal(torch.cat([a["x"], b["x"]]), one["x"])

@@ -213,3 +213,29 @@ def test_zero2_and_zero3_match_single_process(tmp_path):
         final = MMDiT.from_pretrained(str(out / "final" / "raw")).state_dict()
         for k, v in ref_final.items():
             assert torch.allclose(final[k], v, atol=1e-4), (stage, k)
+
+
+def test_mixed_sizes_train_in_aspect_buckets_and_sample_at_their_size(tmp_path):
+    """Square, wide and (too few to batch) tall images: two buckets, non-square latents through the
+    cropped position table, and a grid sampled at the wide bucket's size."""
+    import datasets
+
+    from base_model import sample
+    from base_model.cache import Cache
+    from base_model.pickapic import encode_png
+
+    sizes = [(32, 32)] * 8 + [(20, 40)] * 4 + [(40, 20)] * 2
+    rows = [{"image": encode_png(np.full((h, w, 3), 40 * (i % 5), np.uint8)), "caption": f"caption {i % 3}"}
+            for i, (h, w) in enumerate(sizes)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    out = tmp_path / "run"
+    pretrain.main(parse(PretrainConfig, SMALL + ["--dataset", str(tmp_path / "d.parquet"), "--num_val", "2",
+                                                 "--per_device_train_batch_size", "4", "--max_steps", "3",
+                                                 "--save_steps", "3", "--output_dir", str(out)]))
+    cache = Cache(str(out / "data-cache" / "train"))
+    assert cache.manifest["bucket_counts"] == {"32x32": 10, "24x48": 4}  # the 2 tall images joined the square
+    assert MMDiT.from_pretrained(str(out / "final")).config.pos_embed_max_size == 12  # 48 px / patch 4
+    assert len(losses(out)) == 3  # 2 square batches and 1 wide one: the epoch
+    sample.main(["--checkpoint", str(out / "final"), "--prompts", "caption 0", "--height", "24", "--width", "48",
+                 "--steps", "2", "--output_dir", str(tmp_path / "grid")])
+    assert Image.open(tmp_path / "grid" / "grid.png").size[0] >= 48
