@@ -442,14 +442,15 @@ def finish(cfg: PrecomputeConfig, out: str, manifest: dict) -> None:
 
 
 def ranks():
-    """(rank, world, barrier) of an `accelerate launch` (gloo between CPU processes), or of one process."""
+    """(rank, world, barrier) of an `accelerate launch` / torchrun (gloo between CPU processes), or of one process."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0, 1, lambda: None
     import torch
-    from accelerate import PartialState
+    import torch.distributed as dist
 
-    state = PartialState(**({} if torch.cuda.is_available() else {"backend": "gloo"}))
-    return state.process_index, state.num_processes, state.wait_for_everyone
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), dist.barrier
 
 
 @entry_point

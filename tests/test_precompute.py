@@ -208,3 +208,21 @@ def test_each_process_reads_its_slice_and_the_slices_make_the_global_batch(tmp_p
         assert not set(a["ids"].tolist()) & set(b["ids"].tolist())
         assert torch.cat([a["ids"], b["ids"]]).tolist() == batches(3 + k)[1].tolist() == one["ids"].tolist()
         assert torch.equal(torch.cat([a["x"], b["x"]]), one["x"])
+
+
+def test_two_processes_write_disjoint_shards_of_the_same_cache(tmp_path):
+    import subprocess
+    import sys
+
+    flags = ["--num_images", "40", "--shard_size", "8", "--min_bucket", "8"]
+    ref = pc.precompute(config(*flags, "--output", str(tmp_path / "one")))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--num_processes", "2",
+           "--num_machines", "1", "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "base_model.precompute", *flags, "--output", str(tmp_path / "two")]
+    p = subprocess.run(cmd, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "precompute (rank 1)" in p.stderr  # both processes encoded
+    a, b = Cache(ref), Cache(str(tmp_path / "two"))
+    assert torch.equal(a.read(np.arange(40))["x"], b.read(np.arange(40))["x"])
+    assert sorted(all_rows(tmp_path / "two").tolist()) == list(range(40))
