@@ -5,6 +5,8 @@
     accelerate launch --num_processes 2 --use_deepspeed --deepspeed_config_file configs/deepspeed/zero2.json \
         -m align.dpo --config configs/dpo/toy.yaml --base … --pairs … --output_dir …
 
+The pairs are precomputed once (latents and one text embedding per distinct caption,
+`base_model.precompute`) and read memory-mapped, one aspect bucket per global batch.
 One step: B pairs [winners; losers] share noise and t (drawn from the DPO stage's own density,
 shifted toward noise by default: layout is decided there); the reference errors come from the
 same network with the adapter disabled, under no_grad; `align.loss.dpo_loss` combines them.

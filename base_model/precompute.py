@@ -340,7 +340,8 @@ def precompute(cfg: PrecomputeConfig, rank: int = 0, world: int = 1, barrier=lam
     barrier()
     manifest = read_manifest(out)
     plan = np.load(os.path.join(out, "plan.npz"))
-    text_captions = json.load(open(os.path.join(out, "text_captions.json")))
+    with open(os.path.join(out, "text_captions.json")) as f:
+        text_captions = json.load(f)
     S = cfg.text_shard_size
     for j, name in enumerate(manifest["text_shards"]):
         if j % world != rank or os.path.isdir(os.path.join(out, name)):

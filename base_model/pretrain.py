@@ -4,7 +4,9 @@
     accelerate launch --num_processes 2 --use_deepspeed --deepspeed_config_file configs/deepspeed/zero2.json \
         -m base_model.pretrain --config configs/pretrain/toy.yaml --output_dir runs/toy-z2
 
-Every random choice of a step (its samples, t, noise, text drop) is a function of (seed, step), drawn
+The data are read from a cache of latents and text embeddings (`base_model.precompute`, built on
+first use under output_dir/data-cache), memory-mapped, one aspect bucket per global batch. Every
+random choice of a step (its samples, t, noise, text drop) is a function of (seed, step), drawn
 for the global batch and sliced per process: the run is the same on 1 or N processes and after a
 resume. Writes `output_dir/checkpoint-STEP/` (atomic), `output_dir/samples/`, and `output_dir/final/`
 (EMA weights, `final/raw/` the raw weights, both one consolidated model.safetensors).
