@@ -118,13 +118,15 @@ class DPOConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def pairs_cache(cfg: DPOConfig, cond: tuple, resolution: int, world: int):
-    """(PrecomputeConfig that builds the pairs' cache, or None when --pairs is a cache; the cache's path)."""
+def pairs_cache(cfg: DPOConfig, cond: tuple, resolution: int, max_side: int, world: int):
+    """(PrecomputeConfig that builds the pairs' cache, or None when --pairs is a cache; the cache's path).
+    Buckets are those the base's position table covers (sides ≤ max_side px)."""
     if is_cache(cfg.pairs):
         return None, cfg.pairs
     out = os.path.join(cfg.cache_dir or os.path.join(cfg.output_dir, "data-cache"), "pairs")
     pcfg = PrecomputeConfig(pairs=cfg.pairs, text_encoders=list(cond[0]), image_space=cond[1], resolution=resolution,
-                            aspect_buckets=cfg.aspect_buckets, min_bucket=cfg.per_device_train_batch_size * world,
+                            aspect_buckets=cfg.aspect_buckets, max_side=max_side,
+                            min_bucket=cfg.per_device_train_batch_size * world,
                             output=out, overwrite_output_dir=not cfg.cache_dir)
     return pcfg, out
 
@@ -180,7 +182,9 @@ def main(cfg: DPOConfig):
     loaded = load(cfg.base, text_encoders=False)
     model = loaded.model.train()
     cond = (loaded.conditioning.get("text_encoders") or [f"sd3:{loaded.conditioning.get('sd3')}"], loaded.image_space)
-    pcfg, cache_path = pairs_cache(cfg, cond, loaded.resolution, int(os.environ.get("WORLD_SIZE", "1")))
+    mc = loaded.model.config
+    pcfg, cache_path = pairs_cache(cfg, cond, loaded.resolution, mc.pos_embed_max_size * mc.patch_size *
+                                   loaded.space.downsample, int(os.environ.get("WORLD_SIZE", "1")))
     if pcfg is not None:
         check_source(pcfg)  # bad pairs stop here, with nothing written
         if not up_to_date(pcfg, cond) and loaded.text is None:

@@ -56,6 +56,7 @@ class PrecomputeConfig:
     resolution: int = 32  # pixel budget resolution² per image
     aspect_buckets: bool = True  # False: every image centre-cropped to a resolution² square
     bucket_multiple: int = 0  # sides a multiple of this (px); 0: 16 × the VAE factor, 8 px in pixel space
+    max_side: int = 0  # px; buckets with a longer side are left out (a model's position table); 0: no limit
     min_bucket: int = 64  # buckets with fewer images are merged into a neighbour: set ≥ the global batch
     shard_size: int = 1024  # images (or pairs) per shard
     text_shard_size: int = 4096  # captions per text shard
@@ -278,7 +279,7 @@ def identity(cfg: PrecomputeConfig, encoders: list[str], space: str) -> dict:
               else {"path": os.path.abspath(source), "fingerprint": fingerprint(source)})
     return {"kind": "pairs" if cfg.pairs else "images", "inputs": inputs, "text_encoders": encoders,
             "image_space": space, "resolution": cfg.resolution, "aspect_buckets": cfg.aspect_buckets,
-            "bucket_multiple": cfg.bucket_multiple, "min_bucket": cfg.min_bucket, "shard_size": cfg.shard_size,
+            "bucket_multiple": cfg.bucket_multiple, "max_side": cfg.max_side, "min_bucket": cfg.min_bucket, "shard_size": cfg.shard_size,
             "text_shard_size": cfg.text_shard_size, "prompts": list(cfg.prompts),
             "columns": [cfg.image_column, cfg.caption_column]}
 
@@ -399,6 +400,7 @@ def write_plan(cfg: PrecomputeConfig, out: str, ident: dict, text, space) -> Non
     multiple = min(cfg.bucket_multiple or (16 * f if f > 1 else 8), cfg.resolution)
     table = (bucket_table(cfg.resolution ** 2, multiple) if cfg.aspect_buckets
              else [(cfg.resolution, cfg.resolution)])
+    table = [hw for hw in table if not cfg.max_side or max(hw) <= cfg.max_side] or table[:1]
     fields, plan = make_plan(scanned, table, cfg.min_bucket, cfg.shard_size, cfg.text_shard_size, cfg.prompts)
     os.makedirs(out, exist_ok=True)
     np.savez(os.path.join(out, "plan.tmp.npz"), rows=plan["rows"], text=plan["text"], swap=plan["swap"])

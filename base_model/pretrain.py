@@ -156,7 +156,7 @@ def _zero_stage(accelerator) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def data_caches(cfg: PretrainConfig, cond: tuple, world: int) -> dict:
+def data_caches(cfg: PretrainConfig, cond: tuple, world: int, max_side: int = 0) -> dict:
     """{"train": PrecomputeConfig | None, "val": PrecomputeConfig | None, "train_path", "val_path"}: the caches a
     run reads, and how to build them (None: --dataset is a cache already). The shapes world has its own
     validation split; other data hold out validation images from the training cache."""
@@ -164,7 +164,7 @@ def data_caches(cfg: PretrainConfig, cond: tuple, world: int) -> dict:
     from .shapes import make_split
 
     root = cfg.cache_dir or os.path.join(cfg.output_dir, "data-cache")
-    common = dict(text_encoders=list(cond[0]), image_space=cond[1], resolution=cfg.resolution,
+    common = dict(text_encoders=list(cond[0]), image_space=cond[1], resolution=cfg.resolution, max_side=max_side,
                   overwrite_output_dir=not cfg.cache_dir)  # the run's own cache is rebuilt when flags change
     G = cfg.per_device_train_batch_size * world
     if is_cache(cfg.dataset):
@@ -221,7 +221,10 @@ def main(cfg: PretrainConfig):
     init = load(cfg.init_from) if cfg.init_from else None
     cond = ((init.conditioning.get("text_encoders", [f"sd3:{init.conditioning.get('sd3')}"]), init.image_space)
             if init is not None else (cfg.text_encoders, cfg.image_space))
-    caches = data_caches(cfg, cond, int(os.environ.get("WORLD_SIZE", "1")))
+    # a model continued from a checkpoint takes only the buckets its position table covers
+    max_side = (init.model.config.pos_embed_max_size * init.model.config.patch_size * init.space.downsample
+                if init is not None else 0)
+    caches = data_caches(cfg, cond, int(os.environ.get("WORLD_SIZE", "1")), max_side)
     for c in (caches["train"], caches["val"]):
         if c is not None:
             check_source(c)  # a bad --dataset stops here, with nothing written

@@ -226,3 +226,9 @@ def test_two_processes_write_disjoint_shards_of_the_same_cache(tmp_path):
     a, b = Cache(ref), Cache(str(tmp_path / "two"))
     assert torch.equal(a.read(np.arange(40))["x"], b.read(np.arange(40))["x"])
     assert sorted(all_rows(tmp_path / "two").tolist()) == list(range(40))
+
+
+def test_max_side_keeps_buckets_a_model_can_take(tmp_path):
+    data = image_parquet(tmp_path / "d.parquet", [(32, 32)] * 4 + [(20, 40)] * 4)
+    out = pc.precompute(config("--dataset", data, "--min_bucket", "1", "--max_side", "32", "--output", str(tmp_path / "c")))
+    assert Cache(out).manifest["bucket_counts"] == {"32x32": 8}  # no bucket wider than the position table
