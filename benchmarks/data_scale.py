@@ -135,7 +135,7 @@ def step_times(base: str, cache_path: str, steps: int, batch: int, workers: int)
 
     times = {"cache": [], "memory": []}
     k = 0
-    for block in range(4):
+    for block in range(6):
         for source in ("cache", "memory") if block % 2 == 0 else ("memory", "cache"):
             if source == "cache":
                 it = iter(loader(cache, batches, 0, 1, k, k + steps, workers))
@@ -188,7 +188,7 @@ def main():
                           pair_bytes=disk_bytes(f"{w}/{name}-pairs") / n,
                           image_bytes=disk_bytes(f"{w}/{name}-images") / n,
                           parquet_bytes=os.path.getsize(f"{w}/{name}.parquet") / n)
-    cache_s, memory_s = step_times(f"{w}/base", f"{w}/small-pairs", 12, args.batch, args.workers)
+    cache_s, memory_s = step_times(f"{w}/base", f"{w}/small-pairs", 15, args.batch, args.workers)
 
     s, big = rows["small"], rows["large"]
     mib = 2 ** 20
