@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import _decode, _open_dataset, resize_center_crop
+from .data import decode_image, open_dataset, resize_center_crop
 from .errors import InputError, MissingInput
 from .outputs import atomic_folder
 
@@ -89,7 +89,7 @@ class Pairs:
 
 def _open(path: str):
     if os.path.exists(path):
-        return _open_dataset(path)
+        return open_dataset(path)
     import datasets  # a hub name: only what is already in the local cache
 
     try:
@@ -130,7 +130,7 @@ def load_pairs(path: str, resolution: int, max_bad_fraction: float = 0.01) -> Pa
             images = []
             for col in ("jpg_0", "jpg_1"):
                 try:
-                    images.append(resize_center_crop(_decode(row[col]), resolution))
+                    images.append(resize_center_crop(decode_image(row[col]), resolution))
                 except Exception as e:
                     raise ValueError(f"row {i}, column {col}: undecodable image ({type(e).__name__})") from e
         except ValueError as e:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .buckets import assign, bucket_table, merge_small
 from .cache import FORMAT, MANIFEST, Cache, caption_key, read_manifest, write_json
 from .cli import check_types, parse
-from .data import _decode, _open_dataset, resize_center_crop, to_model_space
+from .data import decode_image, open_dataset, resize_center_crop, to_model_space
 from .errors import InputError, MissingInput, entry_point
 from .outputs import atomic_folder
 
@@ -102,7 +102,7 @@ def open_table(path: str, columns: list[str], image_columns: list[str], flag: st
 
     if not os.path.exists(path):
         raise MissingInput(f"{flag} {path!r} does not exist")
-    ds = _open_dataset(path)
+    ds = open_dataset(path)
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise InputError(f"{flag} {path!r}: the data lack column(s) {missing}; columns are {ds.column_names}")
@@ -150,7 +150,7 @@ def scan(cfg: PrecomputeConfig) -> dict:
                     dropped["tie"] += 1
                 else:
                     try:
-                        sizes.append(_decode(row["jpg_0"]).size)
+                        sizes.append(decode_image(row["jpg_0"]).size)
                     except Exception as e:  # noqa: BLE001 — any decoder failure is a bad row
                         bad.append(f"row {i}, column jpg_0: undecodable image ({type(e).__name__})")
                     else:
@@ -169,7 +169,7 @@ def scan(cfg: PrecomputeConfig) -> dict:
         for batch in ds.select_columns([cfg.image_column, cfg.caption_column]).iter(batch_size=256):
             for value, caption in zip(batch[cfg.image_column], batch[cfg.caption_column]):
                 try:
-                    sizes.append(_decode(value).size)
+                    sizes.append(decode_image(value).size)
                 except Exception as e:  # noqa: BLE001
                     bad.append(f"{row_name(value, i)} ({type(e).__name__})")
                 else:
@@ -205,7 +205,7 @@ def load_rows(cfg: PrecomputeConfig, rows: list[int], swap: list[bool], hw: tupl
             images = []
             for c in columns:
                 try:
-                    images.append(resize_center_crop(_decode(values[c][k]), h, w))
+                    images.append(resize_center_crop(decode_image(values[c][k]), h, w))
                 except Exception as e:  # noqa: BLE001
                     raise ValueError(f"{row_name(values[c][k], r)}, column {c}: undecodable image "
                                      f"({type(e).__name__})") from e

@@ -14,7 +14,6 @@ from PIL import Image
 
 from base_model import pretrain
 from base_model.cli import parse
-from base_model.data import load_image_captions
 from base_model.errors import InputError
 from base_model.mmdit import MMDiT
 from base_model.pretrain import PretrainConfig
@@ -101,23 +100,35 @@ def write_parquet(path, n, bad_rows=(), drop_caption=False):
     ds.to_parquet(str(path))
 
 
-def test_real_data_loader_skips_and_counts_corrupt_images(tmp_path):
+def precompute_parquet(tmp_path, name="d"):
+    from base_model.precompute import PrecomputeConfig, precompute
+
+    return precompute(parse(PrecomputeConfig, ["--dataset", str(tmp_path / f"{name}.parquet"), "--caption_column", "text",
+                                               "--resolution", "16", "--min_bucket", "8",
+                                               "--output", str(tmp_path / f"{name}-cache")]))
+
+
+def test_real_data_skips_and_counts_corrupt_images(tmp_path):
+    from base_model.cache import Cache
+
     write_parquet(tmp_path / "d.parquet", 200, bad_rows=(7,))
-    data = load_image_captions(str(tmp_path / "d.parquet"), 16, caption_column="text")
-    assert data.images.shape == (199, 3, 16, 16) and data.skipped == 1
-    assert "caption 7" not in data.captions
+    cache = Cache(precompute_parquet(tmp_path))
+    assert len(cache) == 199 and cache.manifest["skipped"] == 1 and "img7.png" in cache.manifest["bad"][0]
+    assert cache.read([0])["x"].shape == (1, 3, 16, 16)
+    with open(os.path.join(cache.path, "text_captions.json")) as f:
+        assert "caption 7" not in json.load(f)
 
 
 def test_too_many_corrupt_images_stop_with_names(tmp_path):
     write_parquet(tmp_path / "d.parquet", 50, bad_rows=(3, 9))
-    with pytest.raises(ValueError, match="img3.png.*img9.png"):
-        load_image_captions(str(tmp_path / "d.parquet"), 16, caption_column="text")
+    with pytest.raises(InputError, match="img3.png.*img9.png"):
+        precompute_parquet(tmp_path)
 
 
 def test_missing_column_is_named(tmp_path):
     write_parquet(tmp_path / "d.parquet", 5, drop_caption=True)
-    with pytest.raises(ValueError, match=r"missing column\(s\) \['text'\]"):
-        load_image_captions(str(tmp_path / "d.parquet"), 16, caption_column="text")
+    with pytest.raises(InputError, match=r"lack column\(s\) \['text'\]"):
+        precompute_parquet(tmp_path)
 
 
 def test_data_order_is_a_permutation_per_epoch():
