@@ -5,6 +5,8 @@
     accelerate launch --num_processes 2 --use_deepspeed --deepspeed_config_file configs/deepspeed/zero2.json \
         -m align.dpo --config configs/dpo/toy.yaml --base … --pairs … --output_dir …
 
+The pairs are precomputed once (latents and one text embedding per distinct caption,
+`base_model.precompute`) and read memory-mapped, one aspect bucket per global batch.
 One step: B pairs [winners; losers] share noise and t (drawn from the DPO stage's own density,
 shifted toward noise by default: layout is decided there); the reference errors come from the
 same network with the adapter disabled, under no_grad; `align.loss.dpo_loss` combines them.
@@ -25,17 +27,20 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import SchedulerType
 
 from base_model.adapters import BASE_RECORD, load, weights_sha256
 from base_model.cli import check_fields, check_types, parse
-from base_model.data import to_model_space
+from base_model.cache import Cache, GlobalBatches, check_conditioning, is_cache, loader
 from base_model.flow import DENSITIES, flow_loss, sample_t
 from base_model.errors import InputError, entry_point
 from base_model.outputs import atomic_folder
-from base_model.training import (DataOrder, append_log, check_finite, check_run_folder, clip_and_step,
+from base_model.precompute import PrecomputeConfig, check_source, precompute, up_to_date
+from base_model.text import TextEmbedder
+from base_model.training import (append_log, check_finite, check_run_folder, clip_and_step,
                                  configure_deepspeed, make_accelerator, make_run_folder, optimizer_and_scheduler,
                                  save_checkpoint, start_logging, step_generator)
 from base_model.sampling import GUIDANCE, SOLVER, SOLVERS, STEPS
@@ -43,13 +48,15 @@ from base_model.shapes import save_grid
 
 from .loss import LOSS_TYPES, dpo_loss
 from .lora import DEFAULT_TARGETS, add_lora, quantize_base
-from .pairs import Pairs, load_pairs
 
 
 @dataclass
 class DPOConfig:
     base: str = ""  # pretrained checkpoint (config.json + model.safetensors [+ conditioning.json])
-    pairs: str = ""  # Pick-a-Pic-schema pairs: save_to_disk / parquet / arrow folder
+    pairs: str = ""  # Pick-a-Pic-schema pairs (save_to_disk / parquet / arrow), or their cache (base_model.precompute)
+    cache_dir: str = ""  # where --pairs are precomputed on first use; "" → output_dir/data-cache
+    aspect_buckets: bool = True  # precompute into aspect-ratio buckets (each pair takes jpg_0's)
+    dataloader_num_workers: int = 2  # processes reading the cache ahead of the loop
     # loss (TRL's names)
     loss_type: str = "sigmoid"  # "sigmoid", "hinge", "ipo", or "sft" (winners only: the control)
     beta: float = 500.0  # flow_grpo uses 100 on SD3.5's velocity loss, Diffusion-DPO 2500–5000 (ε)
@@ -107,16 +114,21 @@ class DPOConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: pairs → model space, captions → text embeddings (once per distinct caption)
+# Data: pairs precomputed once (latents, one text row per distinct caption), read from the cache
 # ---------------------------------------------------------------------------------------------
 
 
-def encode_pairs(pairs: Pairs, text, vae) -> dict:
-    captions = sorted(set(pairs.captions))
-    context, pooled = text.encode(captions)
-    index = {c: i for i, c in enumerate(captions)}
-    return dict(context=context, pooled=pooled, ids=torch.tensor([index[c] for c in pairs.captions]),
-                chosen=vae.encode(to_model_space(pairs.chosen)), rejected=vae.encode(to_model_space(pairs.rejected)))
+def pairs_cache(cfg: DPOConfig, cond: tuple, resolution: int, max_side: int, world: int):
+    """(PrecomputeConfig that builds the pairs' cache, or None when --pairs is a cache; the cache's path).
+    Buckets are those the base's position table covers (sides ≤ max_side px)."""
+    if is_cache(cfg.pairs):
+        return None, cfg.pairs
+    out = os.path.join(cfg.cache_dir or os.path.join(cfg.output_dir, "data-cache"), "pairs")
+    pcfg = PrecomputeConfig(pairs=cfg.pairs, text_encoders=list(cond[0]), image_space=cond[1], resolution=resolution,
+                            aspect_buckets=cfg.aspect_buckets, max_side=max_side,
+                            min_bucket=cfg.per_device_train_batch_size * world,
+                            output=out, overwrite_output_dir=not cfg.cache_dir)
+    return pcfg, out
 
 
 def dpo_step_losses(model, peft_model, batch: dict, loss_type: str):
@@ -165,18 +177,33 @@ def main(cfg: DPOConfig):
                          "(python -m base_model.adapters merge)")
     B, accum, seed = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.seed
     resume = check_run_folder(cfg)  # before anything is written or loaded
-    # Frozen text encoders and VAE load before the Accelerator (ZeRO-3 would partition them).
-    loaded = load(cfg.base)
-    text, vae, model = loaded.text, loaded.space, loaded.model.train()
-    pairs = load_pairs(cfg.pairs, loaded.resolution)  # bad pairs stop here, with nothing written
+    # Frozen encoders load before the Accelerator (ZeRO-3 would partition them), and the text
+    # encoders only when the pairs' cache is still to be built: the loop reads embeddings from it.
+    loaded = load(cfg.base, text_encoders=False)
+    model = loaded.model.train()
+    cond = (loaded.conditioning.get("text_encoders") or [f"sd3:{loaded.conditioning.get('sd3')}"], loaded.image_space)
+    mc = loaded.model.config
+    pcfg, cache_path = pairs_cache(cfg, cond, loaded.resolution, mc.pos_embed_max_size * mc.patch_size *
+                                   loaded.space.downsample, int(os.environ.get("WORLD_SIZE", "1")))
+    if pcfg is not None:
+        check_source(pcfg)  # bad pairs stop here, with nothing written
+        if not up_to_date(pcfg, cond) and loaded.text is None:
+            loaded = replace(loaded, text=TextEmbedder(cond[0]))
     accelerator = make_accelerator(cfg.output_dir, cfg.report_to, cfg.mixed_precision, accum)
     set_seed(seed)
     world, rank = accelerator.num_processes, accelerator.process_index
     make_run_folder(accelerator, cfg, resume)
+    if pcfg is not None:
+        precompute(pcfg, rank, world, accelerator.wait_for_everyone, loaded.text, loaded.space, cond)
+    loaded = replace(loaded, text=None)  # the loop reads embeddings from the cache
+    pairs = Cache(cache_path)
+    check_conditioning(cache_path, pairs.manifest, cond[0], cond[1])
+    if pairs.kind != "pairs":
+        raise InputError(f"--pairs {cache_path!r} is a cache of images, not of pairs")
 
     base_sha = weights_sha256(cfg.base)
-    accelerator.print(f"{len(pairs)} pairs from {cfg.pairs}; dropped {pairs.dropped}")
-    data = encode_pairs(pairs, text, vae)
+    dropped = pairs.manifest["dropped"]
+    accelerator.print(f"{len(pairs)} pairs from {cfg.pairs}; dropped {dropped}")
     if cfg.base_quantization != "none":
         quantize_base(model, int(cfg.base_quantization[0]))
     model.requires_grad_(False)
@@ -199,11 +226,13 @@ def main(cfg: DPOConfig):
         accelerator.print(f"resumed from {resume} at step {start}")
     start_logging(accelerator, "flowalign-dpo", cfg)
 
-    grid_cond = text.encode(list(dict.fromkeys(pairs.captions))[:cfg.num_samples])
+    first = pairs.text_rows(np.arange(min(len(pairs), 64 * cfg.num_samples)))
+    grid_cond = pairs.text(np.array(list(dict.fromkeys(first.tolist()))[:cfg.num_samples]))  # distinct captions
     if start == 0:
         sample_grid(policy, grid_cond, cfg, accelerator, 0)
-    order = DataOrder(len(pairs), seed)
     n_global, mine = B * world, slice(rank * B, (rank + 1) * B)
+    batches = GlobalBatches(pairs.buckets(), n_global, seed, cache_path)  # batch k: a function of (seed, k)
+    data = iter(loader(pairs, batches, rank, world, start * accum, cfg.max_steps * accum, cfg.dataloader_num_workers))
     history, last_ckpt, t0 = [], resume, time.time()
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="dpo",
                disable=not accelerator.is_local_main_process)
@@ -211,15 +240,14 @@ def main(cfg: DPOConfig):
         model.train()
         metrics_sum: dict[str, float] = {}
         for micro in range(accum):
+            read = next(data)  # this process's slice of global batch step·accum + micro, one bucket
             gen = step_generator(seed, step, micro)
-            idx = order.indices((step * accum + micro) * n_global, n_global)[mine]
             t = sample_t(n_global, cfg.timestep_density, cfg.logit_mean, cfg.logit_std, cfg.mode_scale,
                          cfg.shift, generator=gen)[mine]
-            noise = torch.randn((n_global, *data["chosen"].shape[1:]), generator=gen)[mine]
-            ids = data["ids"][idx]
+            noise = torch.randn((n_global, *pairs.shape(int(read["bucket"]))), generator=gen)[mine]
             batch = {k: v.to(accelerator.device) for k, v in dict(
-                chosen=data["chosen"][idx], rejected=data["rejected"][idx], noise=noise, t=t,
-                context=data["context"][ids], pooled=data["pooled"][ids]).items()}
+                chosen=read["chosen"], rejected=read["rejected"], noise=noise, t=t,
+                context=read["context"], pooled=read["pooled"]).items()}
             with accelerator.accumulate(model):
                 pol_err, ref_err = dpo_step_losses(model, peft_model, batch, cfg.loss_type)
                 loss, metrics = dpo_loss(pol_err, ref_err, cfg.beta, cfg.loss_type, cfg.sft_weight)
@@ -250,7 +278,7 @@ def main(cfg: DPOConfig):
     if accelerator.is_main_process:
         final = os.path.join(cfg.output_dir, "final")
         save_adapter(accelerator.unwrap_model(model), final, cfg.base, base_sha,
-                     {"dpo_config": asdict(cfg), "pairs_dropped": pairs.dropped})
+                     {"dpo_config": asdict(cfg), "pairs_dropped": dropped})
         accelerator.print(f"adapter: {final}")
     accelerator.wait_for_everyone()
     accelerator.end_training()

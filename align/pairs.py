@@ -15,90 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from base_model.errors import InputError, MissingInput, entry_point
-from base_model.data import _decode, _open_dataset, resize_center_crop
-from base_model.pickapic import REQUIRED, encode_png, pairs_dataset, write_pairs  # noqa: F401 (re-exported)
+from base_model.pickapic import (REQUIRED, Pairs, encode_png, load_pairs, pairs_dataset,  # noqa: F401 (re-exported)
+                                 write_pairs)
 from base_model.sampling import GUIDANCE, SOLVER, STEPS, add_sampler_args
-
-@dataclass
-class Pairs:
-    """Decoded pairs, winner first: images uint8 (N, 3, R, R)."""
-    captions: list[str]
-    chosen: torch.Tensor
-    rejected: torch.Tensor
-    dropped: dict[str, int] = field(default_factory=dict)  # reason → rows dropped
-
-    def __len__(self):
-        return len(self.captions)
-
-
-def _open(path: str):
-    if os.path.exists(path):
-        return _open_dataset(path)
-    import datasets  # a hub name: only what is already in the local cache
-
-    try:
-        return datasets.load_dataset(path, split="train")
-    except Exception as e:
-        raise MissingInput(f"pairs {path!r}: not a local folder or file, and not loadable from the "
-                          f"local datasets cache ({type(e).__name__}: {e})") from e
-
-
-def load_pairs(path: str, resolution: int, max_bad_fraction: float = 0.01) -> Pairs:
-    """Pairs from a parquet / arrow / save_to_disk folder (or a cached hub dataset), winner first.
-
-    Dropped and counted by reason: `tie` (label_0 == 0.5), `no_label` (has_label False),
-    `not_different` (are_different False). Images are resized (centre crop) to `resolution`. An
-    undecodable image is skipped, counted as `bad` and named; more than `max_bad_fraction` bad rows
-    stop the load with the rows named. A missing required column is an error naming it."""
-    ds = _open(path)
-    missing = [c for c in REQUIRED if c not in ds.column_names]
-    if missing:
-        raise InputError(f"pairs {path!r} lack column(s) {missing}; Pick-a-Pic needs {list(REQUIRED)}")
-    dropped = {"tie": 0, "no_label": 0, "not_different": 0, "bad": 0}
-    captions, chosen, rejected, bad = [], [], [], []
-    for i, row in enumerate(ds):
-        if "has_label" in row and row["has_label"] is False:
-            dropped["no_label"] += 1
-            continue
-        if "are_different" in row and row["are_different"] is False:
-            dropped["not_different"] += 1
-            continue
-        label_0 = row["label_0"]
-        if label_0 is None or row["caption"] is None:
-            bad.append(f"row {i}: {'label_0' if label_0 is None else 'caption'} is empty")
-            continue
-        if label_0 == 0.5:
-            dropped["tie"] += 1
-            continue
-        try:
-            images = []
-            for col in ("jpg_0", "jpg_1"):
-                try:
-                    images.append(resize_center_crop(_decode(row[col]), resolution))
-                except Exception as e:
-                    raise ValueError(f"row {i}, column {col}: undecodable image ({type(e).__name__})") from e
-        except ValueError as e:
-            bad.append(str(e))
-            continue
-        first_wins = label_0 > row["label_1"]
-        captions.append(row["caption"])
-        chosen.append(images[0] if first_wins else images[1])
-        rejected.append(images[1] if first_wins else images[0])
-    dropped["bad"] = len(bad)
-    if len(bad) > max_bad_fraction * len(ds):
-        raise InputError(f"pairs {path!r}: {len(bad)} of {len(ds)} rows are bad (> {max_bad_fraction:.0%}): "
-                         + "; ".join(bad[:20]))
-    if not captions:
-        raise InputError(f"pairs {path!r}: no usable pair (dropped: {dropped})")
-    to_tensor = lambda imgs: torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()  # noqa: E731
-    return Pairs(captions, to_tensor(chosen), to_tensor(rejected), dropped)
-
 
 # ---------------------------------------------------------------------------------------------
 # On-policy pairs (AI feedback): sample K per prompt, score, keep winner/loser pairs

@@ -144,9 +144,11 @@ class Loaded:
         return self.space.decode(z).clamp(-1, 1)
 
 
-def load(spec: str, merge: bool = True, sample_shift: float = 1.0) -> Loaded:
+def load(spec: str, merge: bool = True, sample_shift: float = 1.0, text_encoders: bool = True) -> Loaded:
     """Model + text encoders + image space of a spec (checkpoint, +adapter, or SD3 folder).
-    Checkpoints of ours sample with `sample_shift`; SD3 folders with their scheduler's shift."""
+    Checkpoints of ours sample with `sample_shift`; SD3 folders with their scheduler's shift.
+    `text_encoders=False`: a checkpoint of ours comes without them (text None), for a trainer that
+    reads its embeddings from a cache."""
     from .sample import load_conditioning
     from .text import TextEmbedder
     from .vae import image_space
@@ -168,7 +170,8 @@ def load(spec: str, merge: bool = True, sample_shift: float = 1.0) -> Loaded:
         text = SD3TextEncoder(cond["sd3"])
         return Loaded(model, text, LatentSpace(os.path.join(cond["sd3"], "vae")), scheduler_shift(cond["sd3"]),
                       text.encode([""]), "sd3", cond)
-    return Loaded(model, TextEmbedder(cond["text_encoders"]), image_space(cond["image_space"]), sample_shift,
+    text = TextEmbedder(cond["text_encoders"]) if text_encoders else None
+    return Loaded(model, text, image_space(cond["image_space"]), sample_shift,
                   None, cond["image_space"], cond)
 
 

@@ -4,7 +4,9 @@
     accelerate launch --num_processes 2 --use_deepspeed --deepspeed_config_file configs/deepspeed/zero2.json \
         -m base_model.pretrain --config configs/pretrain/toy.yaml --output_dir runs/toy-z2
 
-Every random choice of a step (its samples, t, noise, text drop) is a function of (seed, step), drawn
+The data are read from a cache of latents and text embeddings (`base_model.precompute`, built on
+first use under output_dir/data-cache), memory-mapped, one aspect bucket per global batch. Every
+random choice of a step (its samples, t, noise, text drop) is a function of (seed, step), drawn
 for the global batch and sliced per process: the run is the same on 1 or N processes and after a
 resume. Writes `output_dir/checkpoint-STEP/` (atomic), `output_dir/samples/`, and `output_dir/final/`
 (EMA weights, `final/raw/` the raw weights, both one consolidated model.safetensors).
@@ -18,20 +20,22 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import SchedulerType
 
 from .adapters import load
 from .cli import check_types, parse
-from .data import ImageCaptions, load_image_captions, shapes_data, to_model_space
+from .cache import Cache, GlobalBatches, check_conditioning, is_cache, loader
 from .flow import DENSITIES, flow_loss, sample_t, validation_loss
 from .mmdit import PRESETS, MMDiT, preset
 from .sampling import GUIDANCE, SOLVER, SOLVERS, STEPS, sample
-from .shapes import save_grid
+from .precompute import check_source, precompute, up_to_date
+from .shapes import make_split, save_grid
 from .errors import entry_point
 from .outputs import atomic_folder
-from .training import (DataOrder, append_log, check_finite, check_run_folder, clip_and_step, configure_deepspeed,
+from .training import (append_log, check_finite, check_run_folder, clip_and_step, configure_deepspeed,
                        make_accelerator, make_run_folder, optimizer_and_scheduler, save_checkpoint, start_logging,
                        step_generator)
 
@@ -39,10 +43,14 @@ from .training import (DataOrder, append_log, check_finite, check_run_folder, cl
 @dataclass
 class PretrainConfig:
     # data
-    dataset: str = "shapes"  # "shapes" (built-in world) or a local imagefolder / parquet / arrow / save_to_disk path
+    dataset: str = "shapes"  # "shapes" (built-in world), a cache made by base_model.precompute, or a local
+    #                          imagefolder / parquet / arrow / save_to_disk path (precomputed on first use)
+    cache_dir: str = ""  # where a dataset is precomputed on first use; "" → output_dir/data-cache
+    aspect_buckets: bool = True  # precompute into aspect-ratio buckets at the resolution² pixel budget
+    dataloader_num_workers: int = 2  # processes reading the cache ahead of the loop
     image_column: str = "image"  # column names for a real dataset
     caption_column: str = "caption"
-    resolution: int = 32  # training images are resized / rendered to this side
+    resolution: int = 32  # training images are rendered / resized to this side (the pixel budget, with buckets)
     num_train: int = 50_000  # shapes world: number of training scenes
     num_val: int = 256  # shapes world: validation scenes (fixed set for the validation loss)
     # model and conditioning
@@ -144,33 +152,56 @@ def _zero_stage(accelerator) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data and conditioning: everything the loop needs, as tensors, computed once
+# Data: caches of latents and text embeddings (base_model.precompute), built on first use
 # ---------------------------------------------------------------------------------------------
 
 
-def prepare_data(cfg: PretrainConfig):
-    """Returns train and validation ImageCaptions, and the sample prompts for the grids."""
+def data_caches(cfg: PretrainConfig, cond: tuple, world: int, max_side: int = 0) -> dict:
+    """{"train": PrecomputeConfig | None, "val": PrecomputeConfig | None, "train_path", "val_path"}: the caches a
+    run reads, and how to build them (None: --dataset is a cache already). The shapes world has its own
+    validation split; other data hold out validation images from the training cache."""
+    from .precompute import PrecomputeConfig
+    from .shapes import make_split
+
+    root = cfg.cache_dir or os.path.join(cfg.output_dir, "data-cache")
+    common = dict(text_encoders=list(cond[0]), image_space=cond[1], resolution=cfg.resolution, max_side=max_side,
+                  overwrite_output_dir=not cfg.cache_dir)  # the run's own cache is rebuilt when flags change
+    G = cfg.per_device_train_batch_size * world
+    if is_cache(cfg.dataset):
+        return {"train": None, "val": None, "train_path": cfg.dataset, "val_path": None}
     if cfg.dataset == "shapes":
-        train, _ = shapes_data("train", cfg.num_train, cfg.resolution)
-        val, _ = shapes_data("val", cfg.num_val, cfg.resolution)
-        prompts, _ = shapes_data("heldout_prompts", cfg.num_samples, cfg.resolution)
-        return train, val, prompts.captions
-    data = load_image_captions(cfg.dataset, cfg.resolution, cfg.image_column, cfg.caption_column)
-    n_val = min(cfg.num_val, max(1, len(data) // 10))
-    val = ImageCaptions(data.images[:n_val], data.captions[:n_val])
-    train = ImageCaptions(data.images[n_val:], data.captions[n_val:], data.skipped)
-    return train, val, val.captions[:cfg.num_samples]
+        prompts = [s.caption for s in make_split("heldout_prompts", cfg.num_samples)]
+        train = PrecomputeConfig(dataset="shapes", split="train", num_images=cfg.num_train, prompts=prompts,
+                                 aspect_buckets=False, min_bucket=G, **common,
+                                 output=os.path.join(root, f"shapes-train-{cfg.num_train}-{cfg.resolution}"))
+        val = PrecomputeConfig(dataset="shapes", split="val", num_images=cfg.num_val, aspect_buckets=False,
+                               min_bucket=1, **common, output=os.path.join(root, f"shapes-val-{cfg.num_val}-{cfg.resolution}"))
+        return {"train": train, "val": val, "train_path": train.output, "val_path": val.output}
+    train = PrecomputeConfig(dataset=cfg.dataset, image_column=cfg.image_column, caption_column=cfg.caption_column,
+                             aspect_buckets=cfg.aspect_buckets, min_bucket=G, **common,
+                             output=os.path.join(root, "train"))
+    return {"train": train, "val": None, "train_path": train.output, "val_path": None}
 
 
-def encode_all(text, vae, train, val, prompts):
-    """Text embeddings once per distinct caption, latents once per image."""
-    captions = sorted(set(train.captions) | set(val.captions) | set(prompts))
-    context, pooled = text.encode(captions)
-    index = {c: i for i, c in enumerate(captions)}
-    ids = lambda caps: torch.tensor([index[c] for c in caps])  # noqa: E731
-    x_train, x_val = (vae.encode(to_model_space(d.images)) for d in (train, val))
-    return dict(context=context, pooled=pooled, train_ids=ids(train.captions), val_ids=ids(val.captions),
-                prompt_ids=ids(prompts), x_train=x_train, x_val=x_val)
+def open_data(paths: dict, cfg: PretrainConfig, cond: tuple):
+    """(train Cache, its training buckets, validation dict): validation images, their text, the
+    grid prompts' text. Without a validation cache, the first images of the largest bucket are held out."""
+    train = Cache(paths["train_path"])
+    check_conditioning(train.path, train.manifest, cond[0], cond[1])
+    buckets = train.buckets()
+    if paths["val_path"]:
+        val_cache = Cache(paths["val_path"])
+        val = val_cache.read(np.arange(len(val_cache)))
+        prompts = [s.caption for s in make_split("heldout_prompts", cfg.num_samples)]
+        p_context, p_pooled = train.text(train.text_ids(prompts))
+    else:
+        largest = max(buckets, key=lambda b: len(buckets[b]))
+        n_val = min(cfg.num_val, max(1, len(buckets[largest]) // 10))
+        held, buckets[largest] = buckets[largest][:n_val], buckets[largest][n_val:]
+        val = train.read(held)
+        p_context, p_pooled = val["context"][:cfg.num_samples], val["pooled"][:cfg.num_samples]
+    return train, buckets, dict(x_val=val["x"], context=val["context"], pooled=val["pooled"],
+                                prompt_context=p_context, prompt_pooled=p_pooled)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,30 +218,45 @@ def main(cfg: PretrainConfig):
     # Unpack the config once; functions below take explicit arguments.
     B, accum, seed = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.seed
     resume = check_run_folder(cfg)  # before anything is written or loaded
-    train, val, prompts = prepare_data(cfg)  # a bad --dataset stops here, with nothing written
-    # Frozen encoders are loaded before the Accelerator exists: under ZeRO-3 it would make
-    # transformers partition their weights at load (zero.Init), and they are not trained.
     init = load(cfg.init_from) if cfg.init_from else None
+    cond = ((init.conditioning.get("text_encoders", [f"sd3:{init.conditioning.get('sd3')}"]), init.image_space)
+            if init is not None else (cfg.text_encoders, cfg.image_space))
+    # a model continued from a checkpoint takes only the buckets its position table covers
+    max_side = (init.model.config.pos_embed_max_size * init.model.config.patch_size * init.space.downsample
+                if init is not None else 0)
+    caches = data_caches(cfg, cond, int(os.environ.get("WORLD_SIZE", "1")), max_side)
+    for c in (caches["train"], caches["val"]):
+        if c is not None:
+            check_source(c)  # a bad --dataset stops here, with nothing written
+    build = [c for c in (caches["train"], caches["val"]) if c is not None and not up_to_date(c, cond)]
+    # Frozen encoders load only to build the cache, and before the Accelerator exists: under ZeRO-3
+    # it would make transformers partition their weights at load (zero.Init).
+    text = space = uncond = None
     if init is not None:
-        text, vae, uncond = init.text, init.space, init.uncond
-    else:
-        text, vae, uncond = TextEmbedder(cfg.text_encoders), image_space(cfg.image_space), None
+        text, space, uncond = init.text, init.space, init.uncond
+    elif build:
+        text, space = TextEmbedder(cfg.text_encoders), image_space(cfg.image_space)
     accelerator = make_accelerator(cfg.output_dir, cfg.report_to, cfg.mixed_precision, accum)
     set_seed(seed)
     world, rank = accelerator.num_processes, accelerator.process_index
     make_run_folder(accelerator, cfg, resume)
-    if train.skipped:
-        accelerator.print(f"skipped {train.skipped} undecodable images")
-    enc = encode_all(text, vae, train, val, prompts)
-    x_train = enc["x_train"]
+    for c in build:
+        precompute(c, rank, world, accelerator.wait_for_everyone, text, space, cond)
+    text = None  # the loop reads embeddings from the cache
+    train, buckets, enc = open_data(caches, cfg, cond)
+    layout = train.layout()
+    sizes = [max(train.shape(b)[1:]) for b in buckets]
     if init is not None:
         model = init.model.train().requires_grad_(True)
     else:
-        model = MMDiT(preset(cfg.model_preset, in_channels=vae.channels, context_dim=text.context_dim,
-                             pooled_dim=text.pooled_dim, sample_size=cfg.resolution // vae.downsample))
+        mcfg = preset(cfg.model_preset, in_channels=train.channels, context_dim=train.manifest["text"]["context_dim"],
+                      pooled_dim=train.manifest["text"]["pooled_dim"], sample_size=cfg.resolution // train.downsample)
+        mcfg.pos_embed_max_size = max(mcfg.pos_embed_max_size, max(sizes) // mcfg.patch_size)  # widest bucket
+        model = MMDiT(mcfg)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
     accelerator.print(f"MMDiT {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-                      f"{len(train)} training images, {len(enc['context'])} distinct captions, {world} process(es)")
+                      f"{sum(map(len, buckets.values()))} training images in {len(buckets)} bucket(s), "
+                      f"{train.manifest['text']['count']} distinct captions, {world} process(es)")
 
     optimizer, scheduler = optimizer_and_scheduler(cfg, model.parameters())
     configure_deepspeed(accelerator, B, cfg.max_grad_norm)
@@ -226,8 +272,9 @@ def main(cfg: PretrainConfig):
         accelerator.print(f"resumed from {resume} at step {start}")
     start_logging(accelerator, "flowalign-pretrain", cfg)
 
-    order = DataOrder(len(train), seed)
     micro_global = B * world  # samples drawn per micro-step across processes
+    batches = GlobalBatches(buckets, micro_global, seed, train.path)  # batch k: a function of (seed, k)
+    data = iter(loader(train, batches, rank, world, start * accum, cfg.max_steps * accum, cfg.dataloader_num_workers))
     mine = slice(rank * B, (rank + 1) * B)
     history, last_ckpt, t0 = [], resume or None, time.time()
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="pretrain",
@@ -236,16 +283,15 @@ def main(cfg: PretrainConfig):
         model.train()
         step_loss = 0.0
         for micro in range(accum):
+            batch = next(data)  # this process's slice of global batch step·accum + micro, one bucket
             gen = step_generator(seed, step, micro)
-            idx = order.indices((step * accum + micro) * micro_global, micro_global)[mine]
             t = sample_t(micro_global, cfg.timestep_density, cfg.logit_mean, cfg.logit_std, cfg.mode_scale,
                          cfg.shift, generator=gen)[mine]
-            noise = torch.randn((micro_global, *x_train.shape[1:]), generator=gen)[mine]
-            drop = torch.rand(micro_global, len(text.layout), generator=gen)[mine] < cfg.text_drop_prob
-            ids = enc["train_ids"][idx]
-            context, pooled = zero_parts(enc["context"][ids], enc["pooled"][ids], text.layout, drop, uncond)
+            noise = torch.randn((micro_global, *train.shape(int(batch["bucket"]))), generator=gen)[mine]
+            drop = torch.rand(micro_global, len(layout), generator=gen)[mine] < cfg.text_drop_prob
+            context, pooled = zero_parts(batch["context"], batch["pooled"], layout, drop, uncond)
             dev = accelerator.device
-            x0, noise, t, context, pooled = (v.to(dev) for v in (x_train[idx], noise, t, context, pooled))
+            x0, noise, t, context, pooled = (v.to(dev) for v in (batch["x"], noise, t, context, pooled))
             with accelerator.accumulate(model):
                 loss = flow_loss(model, x0, noise, t, context, pooled).mean()
                 accelerator.backward(loss)
@@ -266,7 +312,8 @@ def main(cfg: PretrainConfig):
             append_log(cfg.output_dir, accelerator, {"step": done, **logs})
             history, t0 = [], time.time()
         if done % cfg.eval_steps == 0 or done == cfg.max_steps:
-            evaluate(model, ema, enc, prompts, cfg, accelerator, done, vae, uncond)
+            space = space or image_space(cond[1])  # the decoder, for the grid only
+            evaluate(model, ema, enc, cfg, accelerator, done, space, uncond)
         if done % cfg.save_steps == 0 or done == cfg.max_steps:
             write_ema = None if ema is None else (lambda d: ema.save_pretrained(os.path.join(d, "ema")))
             last_ckpt = save_checkpoint(accelerator, cfg.output_dir, done, cfg.save_total_limit, {"step": done},
@@ -279,20 +326,19 @@ def main(cfg: PretrainConfig):
     accelerator.end_training()
 
 
-def evaluate(model, ema, enc, prompts, cfg, accelerator, step, vae, uncond=None):
+def evaluate(model, ema, enc, cfg, accelerator, step, vae, uncond=None):
     """Validation loss at 8 t levels (fixed set and noise) and a grid from the EMA weights."""
     model.eval()
-    ids = enc["val_ids"]
-    val = validation_loss(lambda x, t, c, p: model(x, t, c, p), enc["x_val"].to(accelerator.device),
-                          (enc["context"][ids].to(accelerator.device), enc["pooled"][ids].to(accelerator.device)),
-                          seed=cfg.seed)
+    dev = accelerator.device
+    val = validation_loss(lambda x, t, c, p: model(x, t, c, p), enc["x_val"].to(dev),
+                          (enc["context"].to(dev), enc["pooled"].to(dev)), seed=cfg.seed)
     accelerator.log({"val/loss": val["loss"], **{f"val/loss_t{i}": v for i, v in enumerate(val["loss_t"])}},
                     step=step)
     append_log(cfg.output_dir, accelerator, {"step": step, "val/loss": val["loss"]})
     if accelerator.is_main_process:
         net = ema if ema is not None else accelerator.unwrap_model(model)
-        p = enc["prompt_ids"]
-        images = sample(net.eval(), enc["context"][p], enc["pooled"][p], list(range(len(p))),
+        n = len(enc["prompt_context"])
+        images = sample(net.eval(), enc["prompt_context"], enc["prompt_pooled"], list(range(n)),
                         enc["x_val"].shape[1:], steps=cfg.sample_steps, guidance=cfg.guidance, uncond=uncond,
                         progress=False, solver=cfg.sample_solver)
         os.makedirs(os.path.join(cfg.output_dir, "samples"), exist_ok=True)

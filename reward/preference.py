@@ -148,7 +148,7 @@ def shapes_pairs(split: str, n: int, seed: int = 0) -> list[dict]:
     """n Pick-a-Pic rows from the first n scenes of a shapes-world split: the scene's render against
     a render of one of its minimal edits (the kind of edit drawn first, then the edit), the winner
     in `jpg_0` or `jpg_1` at random."""
-    from align.pairs import encode_png
+    from base_model.pickapic import encode_png
     from base_model.shapes import make_split, render
 
     rng = random.Random(seed)
@@ -215,7 +215,7 @@ def sha256(path: str) -> str:
 
 
 def main(cfg: PreferenceTrainConfig) -> dict:
-    from align.pairs import load_pairs, pairs_dataset
+    from base_model.pickapic import load_pairs, pairs_dataset
 
     # Unpack the config once; functions below take explicit arguments.
     B, steps, seed = cfg.batch_size, cfg.steps, cfg.seed

@@ -94,3 +94,16 @@ def test_captions_parse_back_to_what_they_ask():
         assert [(o.color, o.shape) for o in parsed.objects] == [(o.color, o.shape) for o in s.objects]
     with pytest.raises(ValueError, match="template"):
         scene_from_caption("a purple elephant riding a bike")
+
+
+def test_reward_never_imports_align():
+    """The Pick-a-Pic reader and writer live in base_model/: reward/ needs nothing from align/."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "reward"
+    for file in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            assert not [n for n in names if n == "align" or n.startswith("align.")], f"{file} imports {names}"

@@ -14,7 +14,6 @@ from PIL import Image
 
 from base_model import pretrain
 from base_model.cli import parse
-from base_model.data import load_image_captions
 from base_model.errors import InputError
 from base_model.mmdit import MMDiT
 from base_model.pretrain import PretrainConfig
@@ -101,23 +100,35 @@ def write_parquet(path, n, bad_rows=(), drop_caption=False):
     ds.to_parquet(str(path))
 
 
-def test_real_data_loader_skips_and_counts_corrupt_images(tmp_path):
+def precompute_parquet(tmp_path, name="d"):
+    from base_model.precompute import PrecomputeConfig, precompute
+
+    return precompute(parse(PrecomputeConfig, ["--dataset", str(tmp_path / f"{name}.parquet"), "--caption_column", "text",
+                                               "--resolution", "16", "--min_bucket", "8",
+                                               "--output", str(tmp_path / f"{name}-cache")]))
+
+
+def test_real_data_skips_and_counts_corrupt_images(tmp_path):
+    from base_model.cache import Cache
+
     write_parquet(tmp_path / "d.parquet", 200, bad_rows=(7,))
-    data = load_image_captions(str(tmp_path / "d.parquet"), 16, caption_column="text")
-    assert data.images.shape == (199, 3, 16, 16) and data.skipped == 1
-    assert "caption 7" not in data.captions
+    cache = Cache(precompute_parquet(tmp_path))
+    assert len(cache) == 199 and cache.manifest["skipped"] == 1 and "img7.png" in cache.manifest["bad"][0]
+    assert cache.read([0])["x"].shape == (1, 3, 16, 16)
+    with open(os.path.join(cache.path, "text_captions.json")) as f:
+        assert "caption 7" not in json.load(f)
 
 
 def test_too_many_corrupt_images_stop_with_names(tmp_path):
     write_parquet(tmp_path / "d.parquet", 50, bad_rows=(3, 9))
-    with pytest.raises(ValueError, match="img3.png.*img9.png"):
-        load_image_captions(str(tmp_path / "d.parquet"), 16, caption_column="text")
+    with pytest.raises(InputError, match="img3.png.*img9.png"):
+        precompute_parquet(tmp_path)
 
 
 def test_missing_column_is_named(tmp_path):
     write_parquet(tmp_path / "d.parquet", 5, drop_caption=True)
-    with pytest.raises(ValueError, match=r"missing column\(s\) \['text'\]"):
-        load_image_captions(str(tmp_path / "d.parquet"), 16, caption_column="text")
+    with pytest.raises(InputError, match=r"lack column\(s\) \['text'\]"):
+        precompute_parquet(tmp_path)
 
 
 def test_data_order_is_a_permutation_per_epoch():
@@ -213,3 +224,29 @@ def test_zero2_and_zero3_match_single_process(tmp_path):
         final = MMDiT.from_pretrained(str(out / "final" / "raw")).state_dict()
         for k, v in ref_final.items():
             assert torch.allclose(final[k], v, atol=1e-4), (stage, k)
+
+
+def test_mixed_sizes_train_in_aspect_buckets_and_sample_at_their_size(tmp_path):
+    """Square, wide and (too few to batch) tall images: two buckets, non-square latents through the
+    cropped position table, and a grid sampled at the wide bucket's size."""
+    import datasets
+
+    from base_model import sample
+    from base_model.cache import Cache
+    from base_model.pickapic import encode_png
+
+    sizes = [(32, 32)] * 8 + [(20, 40)] * 4 + [(40, 20)] * 2
+    rows = [{"image": encode_png(np.full((h, w, 3), 40 * (i % 5), np.uint8)), "caption": f"caption {i % 3}"}
+            for i, (h, w) in enumerate(sizes)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    out = tmp_path / "run"
+    pretrain.main(parse(PretrainConfig, SMALL + ["--dataset", str(tmp_path / "d.parquet"), "--num_val", "2",
+                                                 "--per_device_train_batch_size", "4", "--max_steps", "3",
+                                                 "--save_steps", "3", "--output_dir", str(out)]))
+    cache = Cache(str(out / "data-cache" / "train"))
+    assert cache.manifest["bucket_counts"] == {"32x32": 10, "24x48": 4}  # the 2 tall images joined the square
+    assert MMDiT.from_pretrained(str(out / "final")).config.pos_embed_max_size == 12  # 48 px / patch 4
+    assert len(losses(out)) == 3  # 2 square batches and 1 wide one: the epoch
+    sample.main(["--checkpoint", str(out / "final"), "--prompts", "caption 0", "--height", "24", "--width", "48",
+                 "--steps", "2", "--output_dir", str(tmp_path / "grid")])
+    assert Image.open(tmp_path / "grid" / "grid.png").size[0] >= 48
