@@ -28,10 +28,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import yaml
 
-from base_model.cli import ArgumentParser
+from base_model.cli import ArgumentParser, read_yaml
 from base_model.errors import InputError, entry_point
+from base_model.outputs import write_json, write_text
 
 
 @dataclass
@@ -53,11 +53,7 @@ class CompareConfig:
 
 
 def load_config(path: str, overrides: dict) -> CompareConfig:
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise InputError(f"--config {path}: {e}") from e
+    raw = read_yaml(path)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:
         cfg = CompareConfig(**raw)
@@ -111,9 +107,7 @@ def run_cached(cmd: list[str], config: str | None, folder: str, collect, again=N
     subprocess.run(run, check=True)
     result = {"key": key, "command": cmd, "wall_s": time.time() - t0, **collect()}
     os.makedirs(folder, exist_ok=True)
-    with open(done + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(done + ".tmp", done)
+    write_json(done, result, indent=2)
     return result
 
 
@@ -218,9 +212,7 @@ def main(argv=None):
         if cached is None or "strict" not in cached or (audit and "fd" not in cached):
             res = judge(spec, split, cfg.n_prompts, k, best_of, cfg.reward, audit)
             os.makedirs(folder, exist_ok=True)
-            with open(path + ".tmp", "w") as f:
-                json.dump(res, f)
-            os.replace(path + ".tmp", path)
+            write_json(path, res, indent=None)
             return res
         return cached
 
@@ -275,8 +267,7 @@ def main(argv=None):
                 a["strict_gain"] = a["strict"] - b["strict"]  # gold-vs-proxy for a checker-trained method
                 entry["splits"][s]["audit"] = a
         results["methods"][name] = entry
-        with open(os.path.join(out, f"{cfg.name}.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(os.path.join(out, f"{cfg.name}.json"), results, indent=2)
     write_html(results, os.path.join(out, f"{cfg.name}.html"))
     for line in table(results):
         print(line)
@@ -361,9 +352,7 @@ def write_html(results: dict, path: str):
             f"<h1>Which alignment method pays</h1><p>Gain = accuracy − base accuracy, mean over seeds "
             f"{results['config']['seeds']}, 95% CI by bootstrap over seeds and prompts.</p>"
             f"<pre>{rows}</pre><img src='data:image/png;base64,{img}'>")
-    with open(path + ".tmp", "w") as f:
-        f.write(html)
-    os.replace(path + ".tmp", path)
+    write_text(path, html)
 
 
 if __name__ == "__main__":

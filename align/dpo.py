@@ -181,10 +181,8 @@ def main(cfg: DPOConfig):
     # encoders only when the pairs' cache is still to be built: the loop reads embeddings from it.
     loaded = load(cfg.base, text_encoders=False)
     model = loaded.model.train()
-    cond = (loaded.conditioning.get("text_encoders") or [f"sd3:{loaded.conditioning.get('sd3')}"], loaded.image_space)
-    mc = loaded.model.config
-    pcfg, cache_path = pairs_cache(cfg, cond, loaded.resolution, mc.pos_embed_max_size * mc.patch_size *
-                                   loaded.space.downsample, int(os.environ.get("WORLD_SIZE", "1")))
+    cond = loaded.encoders
+    pcfg, cache_path = pairs_cache(cfg, cond, loaded.resolution, loaded.max_side, int(os.environ.get("WORLD_SIZE", "1")))
     if pcfg is not None:
         check_source(pcfg)  # bad pairs stop here, with nothing written
         if not up_to_date(pcfg, cond) and loaded.text is None:

@@ -132,6 +132,18 @@ class Loaded:
     def resolution(self) -> int:
         return self.model.config.sample_size * self.space.downsample
 
+    @property
+    def encoders(self) -> tuple[list[str], str]:
+        """(text encoder specs, image space spec): what a data cache for this model is made with."""
+        text = self.conditioning.get("text_encoders") or [f"sd3:{self.conditioning.get('sd3')}"]
+        return list(text), self.image_space
+
+    @property
+    def max_side(self) -> int:
+        """The longest image side (px) its position table covers."""
+        c = self.model.config
+        return c.pos_embed_max_size * c.patch_size * self.space.downsample
+
     def generate(self, captions, seeds, steps: int = 20, guidance: float = 4.0, shift: float | None = None,
                  batch_size: int = 64, progress: bool = True, context=None, solver: str = "euler") -> torch.Tensor:
         """Images (N, 3, H, W) in [-1, 1], one per (caption, seed)."""

@@ -60,14 +60,6 @@ def read_manifest(path: str) -> dict:
     return manifest
 
 
-def write_json(path: str, obj) -> None:
-    """Written aside and renamed: a kill leaves the old file or the new one."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def check_conditioning(path: str, manifest: dict, text_encoders, image_space: str) -> None:
     """The cache was made by these encoders, or an InputError names the mismatch."""
     made = (manifest["text"]["encoders"], manifest["image_space"]["spec"])

@@ -82,25 +82,31 @@ def parse(config_cls, argv=None):
     return cfg
 
 
+def read_yaml(path: str) -> dict:
+    """A `--config` YAML file as a mapping; a missing, unreadable or non-mapping file is an InputError."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except FileNotFoundError as e:
+        raise MissingInput(f"--config {path}: no such file") from e
+    except (OSError, yaml.YAMLError) as e:
+        raise InputError(f"--config {path}: {e}") from e
+    if not isinstance(values, dict):
+        raise InputError(f"--config {path}: expected a mapping of names to values")
+    return values
+
+
 def parse_with_config(ap, argv=None):
     """argparse with `--config file.yaml` for the stages whose flags are not a dataclass (pairs,
     eval): YAML keys become defaults, flags override them; an unknown key raises, naming it."""
-    import yaml
-
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
     ap.add_argument("--config", default=None, help="YAML file of flag values; flags given here override it")
     if known.config:
-        try:
-            with open(known.config) as f:
-                values = yaml.safe_load(f) or {}
-        except FileNotFoundError as e:
-            raise MissingInput(f"--config {known.config}: no such file") from e
-        except (OSError, yaml.YAMLError) as e:
-            raise InputError(f"--config {known.config}: {e}") from e
-        if not isinstance(values, dict):
-            raise InputError(f"--config {known.config}: expected a mapping of flag names to values")
+        values = read_yaml(known.config)
         dests = {a.dest: a for a in ap._actions}
         unknown = sorted(set(values) - set(dests))
         if unknown:

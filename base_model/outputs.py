@@ -5,6 +5,7 @@
     clear_run_files(path)                        --overwrite_output_dir: removes what a run wrote, nothing else
     atomic_folder(path)                          a folder written aside, then renamed into place
     replace_folder(new, path)                    the rename step, for folders several processes write
+    write_text(path, text), write_json(path, obj)  one file, written aside and renamed
 
 A run folder holding a finished run (`final/`), an unfinished one (`checkpoint-N/`) or anything else is
 refused with one line naming it and the flags that choose what to do, as transformers does:
@@ -15,6 +16,7 @@ refused with one line naming it and the flags that choose what to do, as transfo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -106,3 +108,15 @@ def atomic_folder(path: str):
         replace_folder(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(path: str, text: str) -> None:
+    """Written aside and renamed: a kill leaves the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj, indent: int | None = 1) -> None:
+    write_text(path, json.dumps(obj, indent=indent))

@@ -99,6 +99,21 @@ def _open(path: str):
                           f"local datasets cache ({type(e).__name__}: {e})") from e
 
 
+DROPPED = ("tie", "no_label", "not_different")  # reasons a row is no training pair, counted
+
+
+def drop_reason(row: dict, i: int) -> str | None:
+    """Why row `i` is no training pair: one of DROPPED (`has_label` or `are_different` False, a tie
+    label_0 == 0.5), a message naming an empty field (a bad row), or None for a usable pair."""
+    if row.get("has_label", True) is False:
+        return "no_label"
+    if row.get("are_different", True) is False:
+        return "not_different"
+    if row["label_0"] is None or row["caption"] is None:
+        return f"row {i}: {'label_0' if row['label_0'] is None else 'caption'} is empty"
+    return "tie" if row["label_0"] == 0.5 else None
+
+
 def load_pairs(path: str, resolution: int, max_bad_fraction: float = 0.01) -> Pairs:
     """Pairs from a parquet / arrow / save_to_disk folder (or a cached hub dataset), winner first.
 
@@ -110,21 +125,15 @@ def load_pairs(path: str, resolution: int, max_bad_fraction: float = 0.01) -> Pa
     missing = [c for c in REQUIRED if c not in ds.column_names]
     if missing:
         raise InputError(f"pairs {path!r} lack column(s) {missing}; Pick-a-Pic needs {list(REQUIRED)}")
-    dropped = {"tie": 0, "no_label": 0, "not_different": 0, "bad": 0}
+    dropped = {**dict.fromkeys(DROPPED, 0), "bad": 0}
     captions, chosen, rejected, bad = [], [], [], []
     for i, row in enumerate(ds):
-        if "has_label" in row and row["has_label"] is False:
-            dropped["no_label"] += 1
+        reason = drop_reason(row, i)
+        if reason in dropped:
+            dropped[reason] += 1
             continue
-        if "are_different" in row and row["are_different"] is False:
-            dropped["not_different"] += 1
-            continue
-        label_0 = row["label_0"]
-        if label_0 is None or row["caption"] is None:
-            bad.append(f"row {i}: {'label_0' if label_0 is None else 'caption'} is empty")
-            continue
-        if label_0 == 0.5:
-            dropped["tie"] += 1
+        if reason:
+            bad.append(reason)
             continue
         try:
             images = []
@@ -136,7 +145,7 @@ def load_pairs(path: str, resolution: int, max_bad_fraction: float = 0.01) -> Pa
         except ValueError as e:
             bad.append(str(e))
             continue
-        first_wins = label_0 > row["label_1"]
+        first_wins = row["label_0"] > row["label_1"]
         captions.append(row["caption"])
         chosen.append(images[0] if first_wins else images[1])
         rejected.append(images[1] if first_wins else images[0])

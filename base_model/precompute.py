@@ -5,9 +5,9 @@
     python -m base_model.precompute --pairs data/pickapic --base runs/toy/final --output cache/pairs
     accelerate launch --num_processes 8 -m base_model.precompute …      # each process takes disjoint shards
 
-Input: image–caption data (a local parquet / arrow / save_to_disk / imagefolder dataset, read through
-`datasets`' memory-mapped Arrow files), Pick-a-Pic-schema pairs (`--pairs`), or the built-in shapes
-world (`--dataset shapes`). Three passes:
+Input (`base_model.sources`): image–caption data (a local parquet / arrow / save_to_disk / imagefolder
+dataset, read through `datasets`' memory-mapped Arrow files), Pick-a-Pic-schema pairs (`--pairs`), or
+the built-in shapes world (`--dataset shapes`). Three passes:
 
 1. scan: captions and image sizes (image headers only). Pairs drop ties, unlabelled and identical
    pairs as `load_pairs` does, and a pair takes the bucket of its jpg_0. Every entry gets an
@@ -23,8 +23,6 @@ image is skipped, counted and named; more than 1% of the rows stops the run.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import os
 import shutil
@@ -34,11 +32,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .buckets import assign, bucket_table, merge_small
-from .cache import FORMAT, MANIFEST, Cache, caption_key, read_manifest, write_json
+from .cache import FORMAT, MANIFEST, Cache, caption_key, read_manifest
 from .cli import check_types, parse
-from .data import decode_image, open_dataset, resize_center_crop, to_model_space
+from .data import to_model_space
 from .errors import InputError, MissingInput, entry_point
-from .outputs import atomic_folder
+from .outputs import atomic_folder, write_json
+from .sources import check_source, fingerprint, load_rows, scan
 
 
 @dataclass
@@ -72,148 +71,6 @@ class PrecomputeConfig:
         for name in ("resolution", "min_bucket", "shard_size", "text_shard_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be ≥ 1")
-
-
-# ---------------------------------------------------------------------------------------------
-# Sources: scan (captions, sizes) and load (decoded rows) for shapes, image–caption data and pairs
-# ---------------------------------------------------------------------------------------------
-
-
-def fingerprint(path: str) -> str:
-    """SHA-256 over the input files' names, sizes and first and last MiB: cheap, and changes when
-    the data does."""
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
-    h = hashlib.sha256()
-    for file in files:
-        size = os.path.getsize(file)
-        h.update(f"{os.path.relpath(file, path)}:{size}".encode())
-        with open(file, "rb") as f:
-            h.update(f.read(1 << 20))
-            if size > 2 << 20:
-                f.seek(-(1 << 20), os.SEEK_END)
-                h.update(f.read())
-    return h.hexdigest()
-
-
-def open_table(path: str, columns: list[str], image_columns: list[str], flag: str = "--dataset"):
-    """A datasets.Dataset with `columns`, images left as bytes (decoded here, row by row)."""
-    import datasets
-
-    if not os.path.exists(path):
-        raise MissingInput(f"{flag} {path!r} does not exist")
-    ds = open_dataset(path)
-    missing = [c for c in columns if c not in ds.column_names]
-    if missing:
-        raise InputError(f"{flag} {path!r}: the data lack column(s) {missing}; columns are {ds.column_names}")
-    for c in image_columns:
-        if isinstance(ds.features[c], datasets.Image):
-            ds = ds.cast_column(c, datasets.Image(decode=False))
-    return ds
-
-
-def check_source(cfg: PrecomputeConfig) -> None:
-    """The input exists and has its columns: checked before anything is written."""
-    from .pickapic import REQUIRED
-
-    if cfg.pairs:
-        open_table(cfg.pairs, list(REQUIRED), [], "--pairs")
-    elif cfg.dataset != "shapes":
-        open_table(cfg.dataset, [cfg.image_column, cfg.caption_column], [])
-
-
-def row_name(value, i: int) -> str:
-    return value["path"] if isinstance(value, dict) and value.get("path") else f"row {i}"
-
-
-def scan(cfg: PrecomputeConfig) -> dict:
-    """Every usable entry: source row, caption, (width, height) of its (first) image, winner swap;
-    and what was dropped (counts) or is bad (names)."""
-    rows, captions, sizes, swap, bad = [], [], [], [], []
-    dropped = {}
-    if cfg.pairs:
-        from .pickapic import REQUIRED
-        ds = open_table(cfg.pairs, list(REQUIRED), ["jpg_0", "jpg_1"], "--pairs")
-        cols = list(REQUIRED) + [c for c in ("has_label", "are_different") if c in ds.column_names]
-        dropped = {"tie": 0, "no_label": 0, "not_different": 0, "bad": 0}
-        i = 0
-        for batch in ds.select_columns(cols).iter(batch_size=256):
-            for j in range(len(batch["caption"])):
-                row = {c: batch[c][j] for c in cols}
-                if row.get("has_label", True) is False:
-                    dropped["no_label"] += 1
-                elif row.get("are_different", True) is False:
-                    dropped["not_different"] += 1
-                elif row["label_0"] is None or row["caption"] is None:
-                    bad.append(f"row {i}: {'label_0' if row['label_0'] is None else 'caption'} is empty")
-                elif row["label_0"] == 0.5:
-                    dropped["tie"] += 1
-                else:
-                    try:
-                        sizes.append(decode_image(row["jpg_0"]).size)
-                    except Exception as e:  # noqa: BLE001 — any decoder failure is a bad row
-                        bad.append(f"row {i}, column jpg_0: undecodable image ({type(e).__name__})")
-                    else:
-                        rows.append(i)
-                        captions.append(str(row["caption"]))
-                        swap.append(not row["label_0"] > row["label_1"])
-                i += 1
-        total = len(ds)
-    elif cfg.dataset == "shapes":
-        scenes = shapes_scenes(cfg.split, cfg.num_images)
-        rows, captions = list(range(len(scenes))), [s.caption for s in scenes]
-        sizes, total = [(cfg.resolution, cfg.resolution)] * len(scenes), len(scenes)
-    else:
-        ds = open_table(cfg.dataset, [cfg.image_column, cfg.caption_column], [cfg.image_column])
-        i = 0
-        for batch in ds.select_columns([cfg.image_column, cfg.caption_column]).iter(batch_size=256):
-            for value, caption in zip(batch[cfg.image_column], batch[cfg.caption_column]):
-                try:
-                    sizes.append(decode_image(value).size)
-                except Exception as e:  # noqa: BLE001
-                    bad.append(f"{row_name(value, i)} ({type(e).__name__})")
-                else:
-                    rows.append(i)
-                    captions.append(str(caption))
-                i += 1
-        total = len(ds)
-    return dict(rows=rows, captions=captions, sizes=sizes, swap=swap or [False] * len(rows), bad=bad,
-                dropped=dropped, total=total)
-
-
-@functools.lru_cache(maxsize=2)
-def shapes_scenes(split: str, n: int):
-    from .shapes import make_split
-    return make_split(split, n)
-
-
-def load_rows(cfg: PrecomputeConfig, rows: list[int], swap: list[bool], hw: tuple[int, int]):
-    """Decoded uint8 images (H, W, 3) at bucket size hw for each row: [[x]] or [[chosen, rejected]]
-    per row, or a string naming why the row is bad."""
-    h, w = hw
-    out = []
-    if cfg.dataset == "shapes" and not cfg.pairs:
-        from .shapes import render
-        scenes = shapes_scenes(cfg.split, cfg.num_images)
-        return [[render(scenes[r], h)] for r in rows]
-    path = cfg.pairs or cfg.dataset
-    columns = ["jpg_0", "jpg_1"] if cfg.pairs else [cfg.image_column]
-    ds = open_table(path, columns, columns).select_columns(columns)
-    values = ds[rows]
-    for k, (r, s) in enumerate(zip(rows, swap)):
-        try:
-            images = []
-            for c in columns:
-                try:
-                    images.append(resize_center_crop(decode_image(values[c][k]), h, w))
-                except Exception as e:  # noqa: BLE001
-                    raise ValueError(f"{row_name(values[c][k], r)}, column {c}: undecodable image "
-                                     f"({type(e).__name__})") from e
-        except ValueError as e:
-            out.append(str(e))
-            continue
-        out.append(images[::-1] if s else images)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

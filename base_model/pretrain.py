@@ -219,11 +219,9 @@ def main(cfg: PretrainConfig):
     B, accum, seed = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.seed
     resume = check_run_folder(cfg)  # before anything is written or loaded
     init = load(cfg.init_from) if cfg.init_from else None
-    cond = ((init.conditioning.get("text_encoders", [f"sd3:{init.conditioning.get('sd3')}"]), init.image_space)
-            if init is not None else (cfg.text_encoders, cfg.image_space))
+    cond = init.encoders if init is not None else (cfg.text_encoders, cfg.image_space)
     # a model continued from a checkpoint takes only the buckets its position table covers
-    max_side = (init.model.config.pos_embed_max_size * init.model.config.patch_size * init.space.downsample
-                if init is not None else 0)
+    max_side = init.max_side if init is not None else 0
     caches = data_caches(cfg, cond, int(os.environ.get("WORLD_SIZE", "1")), max_side)
     for c in (caches["train"], caches["val"]):
         if c is not None:
