@@ -7,17 +7,15 @@ the same seeds side by side for every model, each image with its score and verdi
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
+from base_model.outputs import png_data_uri  # noqa: E402
 from base_model.shapes import to_uint8  # noqa: E402
 
 CSS = """
@@ -29,16 +27,6 @@ figure{display:inline-block;margin:2px;text-align:center;font-size:11px}
 figure img{width:96px;height:96px;image-rendering:pixelated;border:3px solid #bbb}
 figure.ok img{border-color:#2a2}figure.bad img{border-color:#d33}.plots img{max-width:49%}
 """
-
-
-def png_data_uri(array_or_fig) -> str:
-    buf = io.BytesIO()
-    if isinstance(array_or_fig, plt.Figure):
-        array_or_fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        plt.close(array_or_fig)
-    else:
-        Image.fromarray(array_or_fig).save(buf, format="png")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _ci(m: dict, pct: bool = True) -> str:
