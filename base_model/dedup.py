@@ -296,8 +296,8 @@ def write_report(path: str, summary: dict, source: ImageSource, groups: list[dic
 def main(cfg: DedupConfig) -> dict:
     out = cfg.output_dir
     check_output_dir(out, cfg.overwrite_output_dir)  # before anything is read or written
-    source = ImageSource(cfg.dataset, cfg.resolution, cfg.image_column, cfg.split, cfg.num_images)
     features = load_features(cfg.feature_model)
+    source = ImageSource(cfg.dataset, cfg.resolution, cfg.image_column, cfg.split, cfg.num_images)
     t0 = time.time()
     positions, emb = embed_source(source, features, cfg.batch_size)
     t1 = time.time()
