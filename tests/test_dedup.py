@@ -5,7 +5,6 @@ copier and one trained on the deduplicated data is not, and bad inputs are one l
 
 import io
 import json
-import os
 import random
 
 import numpy as np
