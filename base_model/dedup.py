@@ -42,7 +42,7 @@ from .cache import Cache, is_cache
 from .cli import check_types, parse
 from .data import decode_image, resize_center_crop, to_model_space
 from .errors import InputError, MissingInput, entry_point
-from .features import THUMBNAIL, embed, load_features
+from .features import THUMBNAIL, copy_threshold, embed, load_features
 from .outputs import check_output_dir, png_data_uri, write_json, write_text
 from .shapes import render, to_uint8
 from .sources import open_table, row_name, shapes_scenes, source_identity
@@ -61,7 +61,8 @@ class DedupConfig:
     num_images: int = 50_000  # shapes world: how many scenes (pretrain's --num_train)
     feature_model: str = THUMBNAIL  # "thumbnail", a TorchScript file (SSCD) or an image–text model folder
     resolution: int = 288  # images are resized (cover, centre crop) to this side for the features (SSCD: 288)
-    threshold: float = 0.5  # cosine at or above which two images are duplicates (the paper's, for SSCD)
+    threshold: float = 0.0  # cosine at or above which two images are duplicates; 0: the feature's default
+    #                         (features.copy_threshold: the paper's 0.5 for SSCD and image towers, 0.9 for thumbnail)
     clusters: int = 0  # k-means clusters; 0: min(16000, n // 40), the paper's 16,000 scaled to the data
     nprobe: int = 1  # clusters searched per image (1: its own, as the paper)
     search: str = "auto"  # "clusters", "global" (exact, all pairs) or "auto" (global up to 20,000 images)
@@ -308,7 +309,8 @@ def main(cfg: DedupConfig) -> dict:
     k = cluster_count(n, cfg.clusters) if search == "clusters" else 0
     if k > n:
         raise InputError(f"--clusters {k}: more than the {n} images read")
-    i, j, _ = near_pairs(emb, cfg.threshold, k, cfg.nprobe, cfg.seed)
+    threshold = copy_threshold(cfg.feature_model, cfg.threshold)
+    i, j, _ = near_pairs(emb, threshold, k, cfg.nprobe, cfg.seed)
     groups = duplicate_groups(n, i, j)
     kept = groups == np.arange(n)
     kept_rows = np.sort(source.rows[positions[kept]]).astype(np.int64)
@@ -316,7 +318,7 @@ def main(cfg: DedupConfig) -> dict:
     summary = {
         "format": FORMAT, "dataset": cfg.dataset, "inputs": source.identity, "rows_total": len(source),
         "embedded": n, "kept": int(kept.sum()), "dropped": int(n - kept.sum()), "bad": source.bad,
-        "feature_model": cfg.feature_model, "embedding_dim": int(emb.shape[1]), "threshold": cfg.threshold,
+        "feature_model": cfg.feature_model, "embedding_dim": int(emb.shape[1]), "threshold": threshold,
         "search": search, "clusters": k, "nprobe": cfg.nprobe if k else None, "pairs": len(i),
         "groups_with_duplicates": int(len(np.unique(groups[~kept]))),
         "largest_groups": [{"size": g["size"], "rows": source.rows[positions[g["members"]]].tolist(),

@@ -29,6 +29,15 @@ from tqdm.auto import tqdm
 from .errors import InputError, MissingInput
 
 THUMBNAIL = "thumbnail"
+# the cosine at or above which two images are copies, per kind: the seed paper's 0.5 for SSCD (and
+# learned features); the thumbnail needs 0.9 (at 0.5 it merges most distinct shapes-world scenes)
+DEFAULT_THRESHOLD = {THUMBNAIL: 0.9}
+SSCD_THRESHOLD = 0.5
+
+
+def copy_threshold(spec: str, threshold: float = 0.0) -> float:
+    """`threshold`, or (0) the default of the feature network `spec`."""
+    return threshold if threshold else DEFAULT_THRESHOLD.get(spec, SSCD_THRESHOLD)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 

@@ -26,6 +26,7 @@ from base_model.cli import ArgumentParser, parse_with_config
 from base_model.errors import InputError, MissingInput, entry_point
 from base_model.outputs import check_output_dir
 from base_model.data import shapes_data, to_model_space
+from base_model.features import copy_threshold
 from base_model.flow import validation_loss
 from base_model.sampling import GUIDANCE, SOLVER, STEPS, add_sampler_args
 from base_model.shapes import SPLIT_OFFSETS, TASKS, make_split
@@ -58,7 +59,8 @@ class EvalConfig:
     train_image_column: str = "image"
     feature_model: str = "thumbnail"  # base_model.features: "thumbnail", a TorchScript file (SSCD), an image tower
     feature_resolution: int = 288  # images are resized to this side for the features (SSCD: 288)
-    memorization_threshold: float = 0.5  # cosine ≥ this to the nearest training image is a copy (SSCD: 0.5)
+    memorization_threshold: float = 0.0  # cosine ≥ this to the nearest training image is a copy; 0: the
+    #                                      feature's default (base_model.features.copy_threshold)
     closest_pairs: int = 8  # per model, shown in the report
 
 
@@ -127,7 +129,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         per_image.setdefault(name, {})["scores"] = scores
         if train is not None:
             cos, nearest = train.nearest(images[name], cfg.batch_size)
-            m["memorization"] = {**memorization.audit(cos, groups, cfg.memorization_threshold),
+            m["memorization"] = {**memorization.audit(cos, groups, copy_threshold(cfg.feature_model, cfg.memorization_threshold)),
                                  "closest": memorization.closest_pairs(cos, nearest, train.source.rows,
                                                                        cfg.closest_pairs)}
             per_image[name]["train_images"] = train.source.read([c["train_position"] for c in
@@ -214,7 +216,8 @@ def main(argv=None):
     audit.add_argument("--feature_model", default="thumbnail", help="thumbnail, a TorchScript file (SSCD) or an "
                                                                       "image–text model folder")
     audit.add_argument("--feature_resolution", type=int, default=288)
-    audit.add_argument("--memorization_threshold", type=float, default=0.5)
+    audit.add_argument("--memorization_threshold", type=float, default=0.0,
+                       help="0: the feature's default (0.5 for SSCD and image towers, 0.9 for thumbnail)")
     audit.add_argument("--closest_pairs", type=int, default=8)
     args = parse_with_config(ap, argv)
     if args.memorization and not args.train_data:

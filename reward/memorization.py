@@ -4,7 +4,8 @@ Each generated image is embedded with the copy-detection features of deduplicati
 (`base_model.features`) and matched to its nearest training image (an exact faiss inner-product
 search). A generation whose cosine to its nearest training image is ≥ the threshold counts as a
 copy: the copy-detection test of Somepalli et al. 2023 (arXiv 2212.03860, SSCD similarity), at
-the seed paper's deduplication threshold 0.5 by default. `reward.eval --memorization` reports per
+the feature network's threshold by default (`features.copy_threshold`: the seed paper's 0.5
+for SSCD). `reward.eval --memorization` reports per
 model the share of copies with a bootstrap CI over prompts (`reward.stats`) and the closest pairs.
 """
 

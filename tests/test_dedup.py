@@ -293,3 +293,11 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(world, capsys, case):
     before = tree(world)
     one_line_error(capsys, entry, [a.format(t=world) for a in argv], match)
     assert tree(world) == before
+
+
+def test_the_copy_threshold_follows_the_feature_network():
+    from base_model.features import copy_threshold
+
+    assert copy_threshold("thumbnail") == 0.9  # its own: 0.5 would join distinct scenes
+    assert copy_threshold("sscd_disc_mixup.torchscript.pt") == 0.5  # the seed paper's, for SSCD
+    assert copy_threshold("thumbnail", 0.75) == 0.75  # an explicit flag wins
