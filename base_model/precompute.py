@@ -161,6 +161,15 @@ def up_to_date(cfg: PrecomputeConfig, cond: tuple | None = None) -> bool:
     return bool(m.get("complete")) and m["identity"] == identity(cfg, *conditioning(cfg, cond))
 
 
+def pending(cfgs: list, cond: tuple | None = None) -> list[PrecomputeConfig]:
+    """The caches of `cfgs` (None: nothing to build) still to build. Every input is checked first:
+    a bad one stops a trainer here, with nothing written."""
+    cfgs = [c for c in cfgs if c is not None]
+    for c in cfgs:
+        check_source(c)
+    return [c for c in cfgs if not up_to_date(c, cond)]
+
+
 def precompute(cfg: PrecomputeConfig, rank: int = 0, world: int = 1, barrier=lambda: None,
                text=None, space=None, cond: tuple | None = None) -> str:
     """Build (or finish) the cache at cfg.output; every process of a launch calls it with its rank.
