@@ -49,6 +49,8 @@ class PrecomputeConfig:
     split: str = "train"  # shapes world: the split
     num_images: int = 50_000  # shapes world: how many scenes
     prompts: list[str] = field(default_factory=list)  # extra captions to embed (sample-grid prompts)
+    text_only: bool = False  # embed captions only (a prompt pool): the shapes --split's captions, or
+    #                          --dataset a text file of prompts, one per line
     base: str = ""  # take text encoders and image space from this checkpoint's conditioning.json
     text_encoders: list[str] = field(default_factory=lambda: ["minilm"])
     image_space: str = "pixels"  # "pixels" or "vae:PATH"
@@ -134,7 +136,7 @@ def identity(cfg: PrecomputeConfig, encoders: list[str], space: str) -> dict:
     source = cfg.pairs or cfg.dataset
     inputs = ({"world": "shapes", "split": cfg.split, "num_images": cfg.num_images} if source == "shapes"
               else {"path": os.path.abspath(source), "fingerprint": fingerprint(source)})
-    return {"kind": "pairs" if cfg.pairs else "images", "inputs": inputs, "text_encoders": encoders,
+    return {"kind": "pairs" if cfg.pairs else "text" if cfg.text_only else "images", "inputs": inputs, "text_encoders": encoders,
             "image_space": space, "resolution": cfg.resolution, "aspect_buckets": cfg.aspect_buckets,
             "bucket_multiple": cfg.bucket_multiple, "max_side": cfg.max_side, "min_bucket": cfg.min_bucket, "shard_size": cfg.shard_size,
             "text_shard_size": cfg.text_shard_size, "prompts": list(cfg.prompts),
@@ -259,7 +261,7 @@ def write_plan(cfg: PrecomputeConfig, out: str, ident: dict, text, space) -> Non
     if len(scanned["bad"]) > cfg.max_bad_fraction * total:
         raise InputError(f"{cfg.pairs or cfg.dataset}: {len(scanned['bad'])} of {total} rows are bad "
                          f"(more than {cfg.max_bad_fraction:.0%}): {'; '.join(scanned['bad'][:20])}")
-    if not scanned["rows"]:
+    if not (scanned["captions"] if cfg.text_only else scanned["rows"]):
         raise InputError(f"{cfg.pairs or cfg.dataset}: no usable row (dropped: {scanned['dropped']}, "
                          f"bad: {len(scanned['bad'])})")
     f = space.downsample

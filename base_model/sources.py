@@ -1,6 +1,6 @@
 """The inputs of `base_model.precompute`: the shapes world, image–caption data (local parquet / arrow /
-save_to_disk / imagefolder, read through `datasets`' memory-mapped Arrow files) or Pick-a-Pic-schema
-pairs. `scan` reads captions and image sizes (headers only) and drops pairs as `load_pairs` does;
+save_to_disk / imagefolder, read through `datasets`' memory-mapped Arrow files), Pick-a-Pic-schema
+pairs, or captions alone (`--text_only`: a shapes split's, or a text file of prompts). `scan` reads captions and image sizes (headers only) and drops pairs as `load_pairs` does;
 `load_rows` decodes the rows of one shard at its bucket's size. `cfg` is a `PrecomputeConfig`.
 """
 
@@ -57,8 +57,18 @@ def check_source(cfg: PrecomputeConfig) -> None:
 
     if cfg.pairs:
         open_table(cfg.pairs, list(REQUIRED), [], "--pairs")
+    elif cfg.text_only and cfg.dataset != "shapes":
+        prompt_lines(cfg.dataset)
     elif cfg.dataset != "shapes":
         open_table(cfg.dataset, [cfg.image_column, cfg.caption_column], [])
+
+
+def prompt_lines(path: str) -> list[str]:
+    """A text file of prompts: one per non-empty line, stripped."""
+    if not os.path.isfile(path):
+        raise MissingInput(f"prompts file {path!r} does not exist")
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
 
 
 def row_name(value, i: int) -> str:
@@ -70,7 +80,11 @@ def scan(cfg: PrecomputeConfig) -> dict:
     and what was dropped (counts) or is bad (names)."""
     rows, captions, sizes, swap, bad = [], [], [], [], []
     dropped = {}
-    if cfg.pairs:
+    if cfg.text_only:  # no image entries: the captions go to the text table only
+        captions = ([s.caption for s in shapes_scenes(cfg.split, cfg.num_images)] if cfg.dataset == "shapes"
+                    else prompt_lines(cfg.dataset))
+        total = 0
+    elif cfg.pairs:
         from .pickapic import DROPPED, REQUIRED, drop_reason
         ds = open_table(cfg.pairs, list(REQUIRED), ["jpg_0", "jpg_1"], "--pairs")
         cols = list(REQUIRED) + [c for c in ("has_label", "are_different") if c in ds.column_names]
