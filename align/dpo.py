@@ -229,14 +229,15 @@ def grid_conditioning(pairs: Cache, n: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def sample_grid(policy, grid_cond, cfg, accelerator, step: int):
-    """Fixed prompts and seeds, so grids before and during training compare image for image."""
-    if not accelerator.is_main_process:
-        return
+    """Fixed prompts and seeds, so grids before and during training compare image for image. Every
+    process samples (under ZeRO-3 each forward gathers the parameters from all of them); the main
+    one writes the grid."""
     policy.model.eval()
     images = policy.generate(None, range(len(grid_cond[0])), cfg.sample_steps, cfg.guidance, progress=False,
                              context=grid_cond, solver=cfg.sample_solver)
-    os.makedirs(os.path.join(cfg.output_dir, "samples"), exist_ok=True)
-    save_grid(images, os.path.join(cfg.output_dir, "samples", f"step-{step:06d}.png"))
+    if accelerator.is_main_process:
+        os.makedirs(os.path.join(cfg.output_dir, "samples"), exist_ok=True)
+        save_grid(images, os.path.join(cfg.output_dir, "samples", f"step-{step:06d}.png"))
     policy.model.train()
 
 
