@@ -6,7 +6,7 @@
     accelerate launch --num_processes 8 -m base_model.precompute …      # each process takes disjoint shards
 
 Input (`base_model.sources`): image–caption data (a local parquet / arrow / save_to_disk / imagefolder
-dataset, read through `datasets`' memory-mapped Arrow files), Pick-a-Pic-schema pairs (`--pairs`), or
+dataset, read through `datasets`' memory-mapped Arrow files, or webdataset tar shards), Pick-a-Pic-schema pairs (`--pairs`), or
 the built-in shapes world (`--dataset shapes`). Three passes:
 
 1. scan: captions and image sizes (image headers only). Pairs drop ties, unlabelled and identical
@@ -42,7 +42,8 @@ from .sources import check_source, fingerprint, load_rows, scan
 
 @dataclass
 class PrecomputeConfig:
-    dataset: str = "shapes"  # "shapes", or a local image–caption dataset (parquet, arrow, save_to_disk, imagefolder)
+    dataset: str = "shapes"  # "shapes", or a local image–caption dataset (parquet, arrow, save_to_disk, imagefolder,
+    #                          or webdataset: a .tar shard or a folder of them, image + .txt/.json caption per key)
     pairs: str = ""  # Pick-a-Pic-schema pairs (parquet / arrow / save_to_disk) instead of --dataset
     image_column: str = "image"
     caption_column: str = "caption"
