@@ -40,11 +40,14 @@ import torch
 from tqdm.auto import tqdm
 
 from base_model.adapters import load, weights_sha256
+from base_model.cache import Cache, check_conditioning
 from base_model.cli import check_fields, check_types, parse
 from base_model.flow import DENSITIES, flow_loss, interpolate, sample_t
 from base_model.sampling import GUIDANCE, SOLVER, SOLVERS, STEPS, sample
 from base_model.errors import InputError, entry_point
-from base_model.training import (DataOrder, append_log, check_finite, check_run_folder, clip_and_step,
+from base_model.precompute import PrecomputeConfig, pending
+from base_model.text import TextEmbedder
+from base_model.training import (DataOrder, append_log, build_caches, check_finite, check_run_folder, clip_and_step,
                                  configure_deepspeed, make_accelerator, make_run_folder, optimizer_and_scheduler,
                                  save_checkpoint, start_logging, step_generator)
 
@@ -64,6 +67,7 @@ class OnlineConfig:
     method: str = "nft"  # "dpo", "nft", "grpo" or "raft" (see the module doc)
     # rounds: prompts, groups, rewards
     prompts: str = "train"  # a shapes-world split or a text file of prompts
+    cache_dir: str = ""  # where the prompts' text embeddings are precomputed on first use; "" → output_dir/data-cache
     prompts_per_round: int = 32
     k: int = 8  # group size: samples per prompt
     rounds: int = 20
@@ -198,8 +202,21 @@ def adapter(peft_model, name: str | None):
 
 
 def prompt_pool(spec: str) -> list[str]:
-    """The distinct prompts of a shapes-world split (its first 5000 scenes) or of a text file."""
+    """The distinct prompts of a shapes-world split (its first 5000 scenes: `prompts_cache`) or of a text file."""
     return list(dict.fromkeys(prompts_from(spec, 5000 if _is_split(spec) else 0)))
+
+
+def prompts_cache(spec: str, cache_dir: str, output_dir: str, cond: tuple, grid: list[str]) -> PrecomputeConfig:
+    """The text table of the prompt pool and the grid's prompts (`precompute --text_only`): the loop
+    reads each round's embeddings from it, so memory does not grow with the pool."""
+    import hashlib
+
+    split = _is_split(spec)
+    name = f"prompts-{spec}" if split else f"prompts-{hashlib.sha256(os.path.abspath(spec).encode()).hexdigest()[:12]}"
+    return PrecomputeConfig(dataset="shapes" if split else spec, split=spec if split else "train",
+                            num_images=5000, text_only=True, prompts=grid, text_encoders=list(cond[0]),
+                            image_space=cond[1], output=os.path.join(cache_dir or os.path.join(output_dir, "data-cache"), name),
+                            overwrite_output_dir=not cache_dir)
 
 
 def round_prompts(pool_size: int, n: int, seed: int, round_: int) -> torch.Tensor:
@@ -293,12 +310,21 @@ def main(cfg: OnlineConfig):
         raise InputError("--base CHECKPOINT (or an SD3 folder) is required")
     B, seed = cfg.per_device_train_batch_size, cfg.seed
     resume = check_run_folder(cfg)  # before anything is written or loaded
-    loaded = load(cfg.base)
-    text, space, model = loaded.text, loaded.space, loaded.model.train()
+    loaded = load(cfg.base, text_encoders=False)
+    space, model, cond = loaded.space, loaded.model.train(), loaded.encoders
+    pool = prompt_pool(cfg.prompts)
+    grid = prompts_from("heldout_prompts" if _is_split(cfg.prompts) else cfg.prompts, cfg.num_samples)
+    tcfg = prompts_cache(cfg.prompts, cfg.cache_dir, cfg.output_dir, cond, grid)
+    build = pending([tcfg], cond)
+    text = TextEmbedder(cond[0]) if build and loaded.text is None else loaded.text  # only to build the cache
     accelerator = make_accelerator(cfg.output_dir, cfg.report_to, cfg.mixed_precision)
     set_seed(seed)
     world, rank = accelerator.num_processes, accelerator.process_index
     make_run_folder(accelerator, cfg, resume)
+    build_caches(accelerator, build, text, space, cond)
+    texts = Cache(tcfg.output)
+    check_conditioning(texts.path, texts.manifest, cond[0], cond[1])
+    text, pool_rows = None, texts.text_ids(pool)  # text-table rows of the pool; embeddings read per round
     base_sha = weights_sha256(cfg.base)
     score = make_reward(cfg.reward, cfg.reward_weights)
 
@@ -325,10 +351,7 @@ def main(cfg: OnlineConfig):
         accelerator.print(f"resumed from {resume} after round {start_round}")
     start_logging(accelerator, "flowalign-online", cfg)
 
-    pool = prompt_pool(cfg.prompts)
-    pool_context, pool_pooled = text.encode(pool)
-    grid_cond = text.encode(prompts_from("heldout_prompts" if _is_split(cfg.prompts) else cfg.prompts,
-                                         cfg.num_samples))
+    grid_cond = texts.text(texts.text_ids(grid))
     last_ckpt = resume
     bar = tqdm(range(start_round, cfg.rounds), initial=start_round, total=cfg.rounds, desc=f"online {cfg.method}",
                disable=not accelerator.is_local_main_process)
@@ -336,7 +359,7 @@ def main(cfg: OnlineConfig):
         t0 = time.time()
         # 1. sample a group of k per prompt from the policy (nft: the old adapter, its sampling policy)
         ids = round_prompts(len(pool), cfg.prompts_per_round, seed, round_)
-        prompts, context, pooled = [pool[i] for i in ids.tolist()], pool_context[ids], pool_pooled[ids]
+        prompts, (context, pooled) = [pool[i] for i in ids.tolist()], texts.text(pool_rows[ids.numpy()])
         share = torch.arange(len(prompts)).tensor_split(world)[rank]
         model.eval()
         with adapter(peft_model, OLD if cfg.method == "nft" else "default"):

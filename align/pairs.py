@@ -22,6 +22,7 @@ from base_model.errors import InputError, MissingInput, entry_point
 from base_model.pickapic import (REQUIRED, Pairs, encode_png, load_pairs, pairs_dataset,  # noqa: F401 (re-exported)
                                  write_pairs)
 from base_model.sampling import GUIDANCE, SOLVER, STEPS, add_sampler_args
+from base_model.sources import prompt_lines
 
 # ---------------------------------------------------------------------------------------------
 # On-policy pairs (AI feedback): sample K per prompt, score, keep winner/loser pairs
@@ -53,8 +54,7 @@ def prompts_from(spec: str, n: int, seed_offset: int = 0) -> list[str]:
         return [s.caption for s in make_split(spec, seed_offset + n)[seed_offset:]]
     if not os.path.isfile(spec):
         raise MissingInput(f"--prompts {spec!r}: not a shapes split ({list(SPLIT_OFFSETS)}) nor a file")
-    with open(spec) as f:
-        lines = [line.strip() for line in f if line.strip()]
+    lines = prompt_lines(spec)
     return lines[:n] if n else lines
 
 

@@ -128,6 +128,22 @@ class Loaded:
         c = self.model.config  # a PeftModel forwards .config to the MMDiT
         return (c.in_channels, c.sample_size, c.sample_size)
 
+    def shape_at(self, height: int = 0, width: int = 0) -> tuple[int, int, int]:
+        """(C, h, w) of a sample `height` × `width` px (0: the training resolution). A side must be a
+        whole number of patches and within the position table, or an InputError names the limit."""
+        if not height and not width:
+            return self.image_shape
+        c, f = self.model.config, self.space.downsample
+        height, width = height or self.resolution, width or self.resolution
+        step = f * c.patch_size
+        if height % step or width % step:
+            raise InputError(f"--height/--width {height}x{width}: sides must be multiples of {step} px "
+                             f"(patch × the image space's downsampling)")
+        if max(height, width) > self.max_side:
+            raise InputError(f"--height/--width {height}x{width}: the model's position table covers "
+                             f"sides up to {self.max_side} px")
+        return (c.in_channels, height // f, width // f)
+
     @property
     def resolution(self) -> int:
         return self.model.config.sample_size * self.space.downsample
@@ -145,12 +161,14 @@ class Loaded:
         return c.pos_embed_max_size * c.patch_size * self.space.downsample
 
     def generate(self, captions, seeds, steps: int = 20, guidance: float = 4.0, shift: float | None = None,
-                 batch_size: int = 64, progress: bool = True, context=None, solver: str = "euler") -> torch.Tensor:
-        """Images (N, 3, H, W) in [-1, 1], one per (caption, seed)."""
+                 batch_size: int = 64, progress: bool = True, context=None, solver: str = "euler",
+                 height: int = 0, width: int = 0) -> torch.Tensor:
+        """Images (N, 3, H, W) in [-1, 1], one per (caption, seed); `height` × `width` px (0: the
+        training resolution)."""
         from .sampling import sample
 
         context, pooled = context if context is not None else self.text.encode(list(captions))
-        z = sample(self.model, context, pooled, list(seeds), self.image_shape, steps=steps,
+        z = sample(self.model, context, pooled, list(seeds), self.shape_at(height, width), steps=steps,
                    shift=self.shift if shift is None else shift, guidance=guidance, uncond=self.uncond,
                    batch_size=batch_size, progress=progress, solver=solver)
         return self.space.decode(z).clamp(-1, 1)

@@ -6,7 +6,7 @@
     accelerate launch --num_processes 8 -m base_model.precompute …      # each process takes disjoint shards
 
 Input (`base_model.sources`): image–caption data (a local parquet / arrow / save_to_disk / imagefolder
-dataset, read through `datasets`' memory-mapped Arrow files), Pick-a-Pic-schema pairs (`--pairs`), or
+dataset, read through `datasets`' memory-mapped Arrow files, or webdataset tar shards), Pick-a-Pic-schema pairs (`--pairs`), or
 the built-in shapes world (`--dataset shapes`). Three passes:
 
 1. scan: captions and image sizes (image headers only). Pairs drop ties, unlabelled and identical
@@ -42,13 +42,16 @@ from .sources import check_source, load_rows, scan, source_identity
 
 @dataclass
 class PrecomputeConfig:
-    dataset: str = "shapes"  # "shapes", or a local image–caption dataset (parquet, arrow, save_to_disk, imagefolder)
+    dataset: str = "shapes"  # "shapes", or a local image–caption dataset (parquet, arrow, save_to_disk, imagefolder,
+    #                          or webdataset: a .tar shard or a folder of them, image + .txt/.json caption per key)
     pairs: str = ""  # Pick-a-Pic-schema pairs (parquet / arrow / save_to_disk) instead of --dataset
     image_column: str = "image"
     caption_column: str = "caption"
     split: str = "train"  # shapes world: the split
     num_images: int = 50_000  # shapes world: how many scenes
     prompts: list[str] = field(default_factory=list)  # extra captions to embed (sample-grid prompts)
+    text_only: bool = False  # embed captions only (a prompt pool): the shapes --split's captions, or
+    #                          --dataset a text file of prompts, one per line
     base: str = ""  # take text encoders and image space from this checkpoint's conditioning.json
     text_encoders: list[str] = field(default_factory=lambda: ["minilm"])
     image_space: str = "pixels"  # "pixels" or "vae:PATH"
@@ -132,7 +135,7 @@ def conditioning(cfg: PrecomputeConfig, cond: tuple | None = None) -> tuple[list
 def identity(cfg: PrecomputeConfig, encoders: list[str], space: str) -> dict:
     """What a cache's contents depend on: a resumed run must match it."""
     inputs = source_identity(cfg.pairs or cfg.dataset, cfg.split, cfg.num_images)
-    return {"kind": "pairs" if cfg.pairs else "images", "inputs": inputs, "text_encoders": encoders,
+    return {"kind": "pairs" if cfg.pairs else "text" if cfg.text_only else "images", "inputs": inputs, "text_encoders": encoders,
             "image_space": space, "resolution": cfg.resolution, "aspect_buckets": cfg.aspect_buckets,
             "bucket_multiple": cfg.bucket_multiple, "max_side": cfg.max_side, "min_bucket": cfg.min_bucket, "shard_size": cfg.shard_size,
             "text_shard_size": cfg.text_shard_size, "prompts": list(cfg.prompts),
@@ -157,6 +160,15 @@ def up_to_date(cfg: PrecomputeConfig, cond: tuple | None = None) -> bool:
         return False
     m = read_manifest(cfg.output)
     return bool(m.get("complete")) and m["identity"] == identity(cfg, *conditioning(cfg, cond))
+
+
+def pending(cfgs: list, cond: tuple | None = None) -> list[PrecomputeConfig]:
+    """The caches of `cfgs` (None: nothing to build) still to build. Every input is checked first:
+    a bad one stops a trainer here, with nothing written."""
+    cfgs = [c for c in cfgs if c is not None]
+    for c in cfgs:
+        check_source(c)
+    return [c for c in cfgs if not up_to_date(c, cond)]
 
 
 def precompute(cfg: PrecomputeConfig, rank: int = 0, world: int = 1, barrier=lambda: None,
@@ -248,7 +260,7 @@ def write_plan(cfg: PrecomputeConfig, out: str, ident: dict, text, space) -> Non
     if len(scanned["bad"]) > cfg.max_bad_fraction * total:
         raise InputError(f"{cfg.pairs or cfg.dataset}: {len(scanned['bad'])} of {total} rows are bad "
                          f"(more than {cfg.max_bad_fraction:.0%}): {'; '.join(scanned['bad'][:20])}")
-    if not scanned["rows"]:
+    if not (scanned["captions"] if cfg.text_only else scanned["rows"]):
         raise InputError(f"{cfg.pairs or cfg.dataset}: no usable row (dropped: {scanned['dropped']}, "
                          f"bad: {len(scanned['bad'])})")
     f = space.downsample

@@ -22,35 +22,31 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-from transformers import SchedulerType
 
 from .adapters import load
-from .cli import check_types, parse
-from .cache import Cache, GlobalBatches, check_conditioning, is_cache, loader, read_manifest
+from .cli import parse
+from .cache import Cache, check_conditioning, is_cache, read_manifest
 from .dedup import read_keep_index
-from .flow import DENSITIES, flow_loss, sample_t, validation_loss
+from .flow import flow_loss, validation_loss
 from .mmdit import PRESETS, MMDiT, preset
-from .sampling import GUIDANCE, SOLVER, SOLVERS, STEPS, sample
-from .precompute import check_source, precompute, up_to_date
+from .sampling import sample
+from .precompute import pending
 from .sources import source_identity
 from .shapes import make_split, save_grid
 from .errors import entry_point
 from .outputs import atomic_folder
-from .training import (append_log, check_finite, check_run_folder, clip_and_step, configure_deepspeed,
-                       make_accelerator, make_run_folder, optimizer_and_scheduler, save_checkpoint, start_logging,
-                       step_generator)
+from .training import (TrainConfig, add_metrics, append_log, build_caches, check_run_folder, clip_and_step,
+                       draw_t_noise, due, end_step, launched_world, log_train, prepare, progress, read_batches,
+                       resume_state, save_checkpoint, start_logging, start_run)
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(TrainConfig):
+    """Pretraining's fields; the optimisation, logging and checkpoint fields are `TrainConfig`'s."""
     # data
     dataset: str = "shapes"  # "shapes" (built-in world), a cache made by base_model.precompute, or a local
     #                          imagefolder / parquet / arrow / save_to_disk path (precomputed on first use)
-    cache_dir: str = ""  # where a dataset is precomputed on first use; "" → output_dir/data-cache
     keep_index: str = ""  # a base_model.dedup output folder: train only on the rows it kept
-    aspect_buckets: bool = True  # precompute into aspect-ratio buckets at the resolution² pixel budget
-    dataloader_num_workers: int = 2  # processes reading the cache ahead of the loop
     image_column: str = "image"  # column names for a real dataset
     caption_column: str = "caption"
     resolution: int = 32  # training images are rendered / resized to this side (the pixel budget, with buckets)
@@ -63,62 +59,21 @@ class PretrainConfig:
     text_encoders: list[str] = field(default_factory=lambda: ["minilm"])  # "minilm", "clip:PATH", "t5:PATH"
     image_space: str = "pixels"  # "pixels", or "vae:PATH" for a local diffusers AutoencoderKL folder
     text_drop_prob: float = 0.464  # each encoder dropped independently (SD3's value for 3 encoders)
-    # objective
-    timestep_density: str = "logit_normal"  # one of flow.DENSITIES
-    logit_mean: float = 0.0  # rf/lognorm(0.00, 1.00) won the paper's study
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
-    shift: float = 1.0  # resolution shift α for training times
-    # optimisation
-    optimizer: str = "adamw"  # "adamw" or "adamw_8bit" (bitsandbytes)
-    learning_rate: float = 1e-3
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8  # SD3 used 1e-15 with QK-norm for bf16 stability at scale
-    weight_decay: float = 0.0
-    lr_scheduler_type: str = "constant_with_warmup"  # any transformers.get_scheduler name: "cosine", "linear", …
+    ema_decay: float = 0.998  # 0 disables EMA
+    # TrainConfig's fields with pretraining's defaults
     warmup_steps: int = 100
     max_steps: int = 2000
     per_device_train_batch_size: int = 64
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"  # "no" or "bf16" (pays on GPUs and CPUs with bf16 matmul units)
-    ema_decay: float = 0.998  # 0 disables EMA
-    # logging, evaluation, checkpoints
     output_dir: str = "runs/pretrain"
-    logging_steps: int = 25
     eval_steps: int = 250  # validation loss and a sample grid
     save_steps: int = 500
-    save_total_limit: int = 2  # older checkpoints are deleted
-    sample_solver: str = SOLVER  # for the sample grids: "euler" or "midpoint"
-    sample_steps: int = STEPS
-    guidance: float = GUIDANCE
-    num_samples: int = 16
-    report_to: str = "wandb"  # "wandb" (offline without an account) or "none"
-    resume_from_checkpoint: str = ""  # "latest" or a checkpoint folder
-    overwrite_output_dir: bool = False  # replace a finished run in output_dir (as in transformers)
-    seed: int = 0
 
     def __post_init__(self):
-        check_types(self)
-        if self.timestep_density not in DENSITIES:
-            raise ValueError(f"--timestep_density {self.timestep_density!r}: choose from {DENSITIES}")
+        super().__post_init__()
         if self.model_preset not in PRESETS:
             raise ValueError(f"--model_preset {self.model_preset!r}: choose from {sorted(PRESETS)}")
-        if self.lr_scheduler_type not in {t.value for t in SchedulerType}:
-            raise ValueError(f"--lr_scheduler_type {self.lr_scheduler_type!r}: choose from "
-                             f"{sorted(t.value for t in SchedulerType)}")
-        if self.optimizer not in ("adamw", "adamw_8bit"):
-            raise ValueError(f"--optimizer {self.optimizer!r}: choose 'adamw' or 'adamw_8bit'")
-        if self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"--mixed_precision {self.mixed_precision!r}: choose 'no' or 'bf16'")
-        if self.report_to not in ("wandb", "none"):
-            raise ValueError(f"--report_to {self.report_to!r}: choose 'wandb' or 'none'")
-        if self.sample_solver not in SOLVERS:
-            raise ValueError(f"--sample_solver {self.sample_solver!r}: choose from {SOLVERS}")
-        for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "resolution"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be ≥ 1")
+        if self.resolution < 1:
+            raise ValueError("--resolution must be ≥ 1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,119 +179,88 @@ def open_data(paths: dict, cfg: PretrainConfig, cond: tuple, kept_rows: np.ndarr
 
 
 def main(cfg: PretrainConfig):
-    from accelerate.utils import set_seed
-
     from .text import TextEmbedder, zero_parts
     from .vae import image_space
 
     # Unpack the config once; functions below take explicit arguments.
-    B, accum, seed = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, cfg.seed
+    B, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
     resume = check_run_folder(cfg)  # before anything is written or loaded
     init = load(cfg.init_from) if cfg.init_from else None
     cond = init.encoders if init is not None else (cfg.text_encoders, cfg.image_space)
     # a model continued from a checkpoint takes only the buckets its position table covers
-    max_side = init.max_side if init is not None else 0
-    caches = data_caches(cfg, cond, int(os.environ.get("WORLD_SIZE", "1")), max_side)
-    for c in (caches["train"], caches["val"]):
-        if c is not None:
-            check_source(c)  # a bad --dataset stops here, with nothing written
+    caches = data_caches(cfg, cond, launched_world(), init.max_side if init is not None else 0)
+    build = pending([caches["train"], caches["val"]], cond)  # a bad --dataset stops here, nothing written
     kept_rows = read_keep_index(cfg.keep_index, train_inputs(caches)) if cfg.keep_index else None
-    build = [c for c in (caches["train"], caches["val"]) if c is not None and not up_to_date(c, cond)]
     # Frozen encoders load only to build the cache, and before the Accelerator exists: under ZeRO-3
     # it would make transformers partition their weights at load (zero.Init).
-    text = space = uncond = None
-    if init is not None:
-        text, space, uncond = init.text, init.space, init.uncond
-    elif build:
+    text, space, uncond = (init.text, init.space, init.uncond) if init is not None else (None, None, None)
+    if build and init is None:
         text, space = TextEmbedder(cfg.text_encoders), image_space(cfg.image_space)
-    accelerator = make_accelerator(cfg.output_dir, cfg.report_to, cfg.mixed_precision, accum)
-    set_seed(seed)
+    accelerator = start_run(cfg, resume)
     world, rank = accelerator.num_processes, accelerator.process_index
-    make_run_folder(accelerator, cfg, resume)
-    for c in build:
-        precompute(c, rank, world, accelerator.wait_for_everyone, text, space, cond)
+    build_caches(accelerator, build, text, space, cond)
     text = None  # the loop reads embeddings from the cache
     train, buckets, enc = open_data(caches, cfg, cond, kept_rows)
-    layout = train.layout()
-    sizes = [max(train.shape(b)[1:]) for b in buckets]
-    if init is not None:
-        model = init.model.train().requires_grad_(True)
-    else:
-        mcfg = preset(cfg.model_preset, in_channels=train.channels, context_dim=train.manifest["text"]["context_dim"],
-                      pooled_dim=train.manifest["text"]["pooled_dim"], sample_size=cfg.resolution // train.downsample)
-        mcfg.pos_embed_max_size = max(mcfg.pos_embed_max_size, max(sizes) // mcfg.patch_size)  # widest bucket
-        model = MMDiT(mcfg)
+    model = init.model.train().requires_grad_(True) if init is not None else new_model(cfg.model_preset, train,
+                                                                                          buckets, cfg.resolution)
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
     accelerator.print(f"MMDiT {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                       f"{sum(map(len, buckets.values()))} training images in {len(buckets)} bucket(s), "
                       f"{train.manifest['text']['count']} distinct captions, {world} process(es)")
-
-    optimizer, scheduler = optimizer_and_scheduler(cfg, model.parameters())
-    configure_deepspeed(accelerator, B, cfg.max_grad_norm)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-
-    start = 0
-    if resume:
-        accelerator.load_state(resume)
-        with open(os.path.join(resume, "trainer_state.json")) as f:
-            start = json.load(f)["step"]
-        if ema is not None:
-            ema.load_state_dict(MMDiT.from_pretrained(os.path.join(resume, "ema")).state_dict())
-        accelerator.print(f"resumed from {resume} at step {start}")
+    model, optimizer, scheduler = prepare(accelerator, cfg, model, model.parameters())
+    start = resume_state(accelerator, resume).get("step", 0)
+    if resume and ema is not None:
+        ema.load_state_dict(MMDiT.from_pretrained(os.path.join(resume, "ema")).state_dict())
     start_logging(accelerator, "flowalign-pretrain", cfg)
 
-    micro_global = B * world  # samples drawn per micro-step across processes
-    batches = GlobalBatches(buckets, micro_global, seed, train.path)  # batch k: a function of (seed, k)
-    data = iter(loader(train, batches, rank, world, start * accum, cfg.max_steps * accum, cfg.dataloader_num_workers))
-    mine = slice(rank * B, (rank + 1) * B)
-    history, last_ckpt, t0 = [], resume or None, time.time()
-    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="pretrain",
-               disable=not accelerator.is_local_main_process)
+    layout, n_global, mine = train.layout(), B * world, slice(rank * B, (rank + 1) * B)
+    data = read_batches(train, buckets, cfg, rank, world, start)
+    history, last_ckpt, t0 = [], resume, time.time()
+    bar = progress(accelerator, start, cfg.max_steps, "pretrain")
     for step in bar:
         model.train()
-        step_loss = 0.0
+        sums: dict[str, float] = {}
         for micro in range(accum):
             batch = next(data)  # this process's slice of global batch step·accum + micro, one bucket
-            gen = step_generator(seed, step, micro)
-            t = sample_t(micro_global, cfg.timestep_density, cfg.logit_mean, cfg.logit_std, cfg.mode_scale,
-                         cfg.shift, generator=gen)[mine]
-            noise = torch.randn((micro_global, *train.shape(int(batch["bucket"]))), generator=gen)[mine]
-            drop = torch.rand(micro_global, len(layout), generator=gen)[mine] < cfg.text_drop_prob
+            t, noise, gen = draw_t_noise(cfg, step, micro, n_global, train.shape(int(batch["bucket"])), mine)
+            drop = torch.rand(n_global, len(layout), generator=gen)[mine] < cfg.text_drop_prob
             context, pooled = zero_parts(batch["context"], batch["pooled"], layout, drop, uncond)
-            dev = accelerator.device
-            x0, noise, t, context, pooled = (v.to(dev) for v in (batch["x"], noise, t, context, pooled))
+            x0, noise, t, context, pooled = (v.to(accelerator.device) for v in (batch["x"], noise, t, context, pooled))
             with accelerator.accumulate(model):
                 loss = flow_loss(model, x0, noise, t, context, pooled).mean()
                 accelerator.backward(loss)
                 clip_and_step(accelerator, model, optimizer, cfg.max_grad_norm)
-            step_loss += loss.detach() / accum
-        scheduler.step()
-        step_loss = accelerator.reduce(step_loss, "mean").item()
-        check_finite(step_loss, step + 1, last_ckpt)
+            add_metrics(sums, {"loss": loss.detach()}, accum)
+        history.append(end_step(accelerator, scheduler, sums, step + 1, last_ckpt))  # NaN stop
         if ema is not None:
             ema_update(ema, full_params(model, accelerator), ema_decay_at(step, cfg.ema_decay))
-        history.append(step_loss)
         done = step + 1
-        if done % cfg.logging_steps == 0 or done == cfg.max_steps:
-            logs = {"train/loss": sum(history) / len(history), "train/lr": scheduler.get_last_lr()[0],
-                    "train/samples_per_s": len(history) * micro_global * accum / (time.time() - t0)}
-            bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
-            accelerator.log(logs, step=done)
-            append_log(cfg.output_dir, accelerator, {"step": done, **logs})
+        if due(done, cfg.logging_steps, cfg.max_steps):
+            log_train(accelerator, cfg.output_dir, history, done, scheduler.get_last_lr()[0], time.time() - t0,
+                      n_global * accum, "samples", bar)
             history, t0 = [], time.time()
-        if done % cfg.eval_steps == 0 or done == cfg.max_steps:
+        if due(done, cfg.eval_steps, cfg.max_steps):
             space = space or image_space(cond[1])  # the decoder, for the grid only
             evaluate(model, ema, enc, cfg, accelerator, done, space, uncond)
-        if done % cfg.save_steps == 0 or done == cfg.max_steps:
+        if due(done, cfg.save_steps, cfg.max_steps):
             write_ema = None if ema is None else (lambda d: ema.save_pretrained(os.path.join(d, "ema")))
             last_ckpt = save_checkpoint(accelerator, cfg.output_dir, done, cfg.save_total_limit, {"step": done},
                                         write_ema)
 
     conditioning = {"text_encoders": cfg.text_encoders, "image_space": cfg.image_space, "resolution": cfg.resolution}
-    if init is not None:
-        conditioning = init.conditioning
-    save_final(model, ema, accelerator, os.path.join(cfg.output_dir, "final"), conditioning)
+    save_final(model, ema, accelerator, os.path.join(cfg.output_dir, "final"),
+               init.conditioning if init is not None else conditioning)
     accelerator.end_training()
+
+
+def new_model(preset_name: str, train: Cache, buckets: dict, resolution: int) -> MMDiT:
+    """A fresh MMDiT for the cache's image space and text widths, its position table covering the
+    widest bucket."""
+    mcfg = preset(preset_name, in_channels=train.channels, context_dim=train.manifest["text"]["context_dim"],
+                  pooled_dim=train.manifest["text"]["pooled_dim"], sample_size=resolution // train.downsample)
+    widest = max(max(train.shape(b)[1:]) for b in buckets)
+    mcfg.pos_embed_max_size = max(mcfg.pos_embed_max_size, widest // mcfg.patch_size)
+    return MMDiT(mcfg)
 
 
 def evaluate(model, ema, enc, cfg, accelerator, step, vae, uncond=None):

@@ -84,13 +84,16 @@ def sample(model, context: torch.Tensor, pooled: torch.Tensor, seeds, image_shap
     Returns x0 (N, C, H, W) in the model's space (pixels in [-1, 1], or latents)."""
     device = next(model.parameters()).device
     times = euler_times(steps, shift)
+    # inference_mode is ~5% faster than no_grad, but ZeRO-3 would gather its partitioned parameters
+    # into inference tensors that training can no longer use
+    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
     out = []
     for i in tqdm(range(0, len(seeds), batch_size), disable=not progress, desc="sampling"):
         sl = slice(i, i + batch_size)
         cond = (context[sl].to(device), pooled[sl].to(device))
         x = noise_from_seeds(seeds[sl], image_shape, device)
         v = guided_velocity(model, cond, guidance, uncond)
-        with torch.inference_mode():  # ~5% faster than no_grad; the cat below makes a normal tensor
+        with torch.no_grad() if zero3 else torch.inference_mode():  # the cat below makes a normal tensor
             out.append(solve(v, x, times, solver).cpu())
     return torch.cat(out)
 

@@ -1,6 +1,7 @@
 """The inputs of `base_model.precompute`: the shapes world, image–caption data (local parquet / arrow /
-save_to_disk / imagefolder, read through `datasets`' memory-mapped Arrow files) or Pick-a-Pic-schema
-pairs. `scan` reads captions and image sizes (headers only) and drops pairs as `load_pairs` does;
+save_to_disk / imagefolder, read through `datasets`' memory-mapped Arrow files, or webdataset tar
+shards read with the standard library's `tarfile`), Pick-a-Pic-schema
+pairs, or captions alone (`--text_only`: a shapes split's, or a text file of prompts). `scan` reads captions and image sizes (headers only) and drops pairs as `load_pairs` does;
 `load_rows` decodes the rows of one shard at its bucket's size. `cfg` is a `PrecomputeConfig`.
 """
 
@@ -8,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
+import tarfile
 from typing import TYPE_CHECKING
 
 from .data import decode_image, open_dataset, resize_center_crop
@@ -59,14 +62,83 @@ def open_table(path: str, columns: list[str], image_columns: list[str], flag: st
     return ds
 
 
+# ---------------------------------------------------------------------------------------------
+# webdataset tar shards: members grouped by key (dir/name up to the first dot), an image and a caption each
+# ---------------------------------------------------------------------------------------------
+
+IMAGE_EXTS, CAPTION_EXTS = ("jpg", "jpeg", "png", "webp"), ("txt", "json")
+
+
+def tar_files(path: str) -> list[str]:
+    """The tar shards of a webdataset: the file itself, or a folder's *.tar in name order ([] otherwise)."""
+    if os.path.isfile(path):
+        return [path] if path.endswith(".tar") else []
+    return sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".tar")) if os.path.isdir(path) else []
+
+
+@functools.lru_cache(maxsize=2)
+def tar_samples(path: str) -> list[tuple]:
+    """Every sample of the shards in order: (tar file, key, {ext: (data offset, size)}). Only headers are
+    read (tarfile seeks over the data), and the member list is not kept, so memory holds the index alone."""
+    out = []
+    for file in tar_files(path):
+        groups: dict[str, dict] = {}
+        with tarfile.open(file, "r:") as tar:
+            for m in tar:
+                tar.members = []  # tarfile would keep every header
+                if m.isfile():
+                    folder, base = os.path.split(m.name)
+                    key, _, ext = base.partition(".")
+                    groups.setdefault(os.path.join(folder, key), {})[ext.lower()] = (m.offset_data, m.size)
+        out += [(file, key, members) for key, members in groups.items()]
+    return out
+
+
+def read_member(file: str, where: tuple[int, int]) -> bytes:
+    with open(file, "rb") as f:
+        f.seek(where[0])
+        return f.read(where[1])
+
+
+def tar_image(sample: tuple) -> bytes:
+    file, key, members = sample
+    ext = next((e for e in IMAGE_EXTS if e in members), None)
+    if ext is None:
+        raise ValueError(f"no image ({'/'.join(IMAGE_EXTS)})")
+    return read_member(file, members[ext])
+
+
+def tar_caption(sample: tuple, caption_column: str) -> str:
+    """The .txt member, or the `caption_column` field of the .json member."""
+    file, key, members = sample
+    if "txt" in members:
+        return read_member(file, members["txt"]).decode("utf-8").strip()
+    if "json" in members:
+        return str(json.loads(read_member(file, members["json"]))[caption_column])
+    raise ValueError(f"no caption ({'/'.join(CAPTION_EXTS)})")
+
+
 def check_source(cfg: PrecomputeConfig) -> None:
     """The input exists and has its columns: checked before anything is written."""
     from .pickapic import REQUIRED
 
     if cfg.pairs:
         open_table(cfg.pairs, list(REQUIRED), [], "--pairs")
+    elif cfg.text_only and cfg.dataset != "shapes":
+        prompt_lines(cfg.dataset)
+    elif tar_files(cfg.dataset):
+        if not tar_samples(cfg.dataset):
+            raise InputError(f"--dataset {cfg.dataset!r}: its tar shards hold no sample")
     elif cfg.dataset != "shapes":
         open_table(cfg.dataset, [cfg.image_column, cfg.caption_column], [])
+
+
+def prompt_lines(path: str) -> list[str]:
+    """A text file of prompts: one per non-empty line, stripped."""
+    if not os.path.isfile(path):
+        raise MissingInput(f"prompts file {path!r} does not exist")
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
 
 
 def row_name(value, i: int) -> str:
@@ -78,7 +150,11 @@ def scan(cfg: PrecomputeConfig) -> dict:
     and what was dropped (counts) or is bad (names)."""
     rows, captions, sizes, swap, bad = [], [], [], [], []
     dropped = {}
-    if cfg.pairs:
+    if cfg.text_only:  # no image entries: the captions go to the text table only
+        captions = ([s.caption for s in shapes_scenes(cfg.split, cfg.num_images)] if cfg.dataset == "shapes"
+                    else prompt_lines(cfg.dataset))
+        total = 0
+    elif cfg.pairs:
         from .pickapic import DROPPED, REQUIRED, drop_reason
         ds = open_table(cfg.pairs, list(REQUIRED), ["jpg_0", "jpg_1"], "--pairs")
         cols = list(REQUIRED) + [c for c in ("has_label", "are_different") if c in ds.column_names]
@@ -103,6 +179,18 @@ def scan(cfg: PrecomputeConfig) -> dict:
                         swap.append(not row["label_0"] > row["label_1"])
                 i += 1
         total = len(ds)
+    elif tar_files(cfg.dataset):
+        samples = tar_samples(cfg.dataset)
+        for i, sample in enumerate(samples):
+            try:
+                caption = tar_caption(sample, cfg.caption_column)
+                sizes.append(decode_image(tar_image(sample)).size)
+            except Exception as e:  # noqa: BLE001 — any reader or decoder failure is a bad row
+                bad.append(f"{sample[0]}:{sample[1]} ({type(e).__name__}: {e})")
+            else:
+                rows.append(i)
+                captions.append(caption)
+        total = len(samples)
     elif cfg.dataset == "shapes":
         scenes = shapes_scenes(cfg.split, cfg.num_images)
         rows, captions = list(range(len(scenes))), [s.caption for s in scenes]
@@ -141,6 +229,14 @@ def load_rows(cfg: PrecomputeConfig, rows: list[int], swap: list[bool], hw: tupl
         scenes = shapes_scenes(cfg.split, cfg.num_images)
         return [[render(scenes[r], h)] for r in rows]
     path = cfg.pairs or cfg.dataset
+    if not cfg.pairs and tar_files(path):
+        samples = tar_samples(path)
+        for r in rows:
+            try:
+                out.append([resize_center_crop(decode_image(tar_image(samples[r])), h, w)])
+            except Exception as e:  # noqa: BLE001
+                out.append(f"{samples[r][0]}:{samples[r][1]}: undecodable image ({type(e).__name__})")
+        return out
     columns = ["jpg_0", "jpg_1"] if cfg.pairs else [cfg.image_column]
     ds = open_table(path, columns, columns).select_columns(columns)
     values = ds[rows]

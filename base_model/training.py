@@ -2,8 +2,23 @@
 
 Pretraining (`base_model.pretrain`), offline DPO (`align.dpo`) and the online loop
 (`align.online`) each keep their own visible loop and call these for the parts that are the same:
-the accelerator and DeepSpeed set-up, the per-step random draws from (seed, step), the data order,
-the optimizer and LR schedule, the NaN stop, logging, and checkpoints written atomically with resume.
+the config fields every stage has (`TrainConfig`), the accelerator and DeepSpeed set-up, resume,
+the per-step random draws from (seed, step), the batches read from the data cache, the optimizer
+and LR schedule, the NaN stop, logging, and checkpoints written atomically.
+
+A stage's loop, in order:
+
+    resume = check_run_folder(cfg)                      # before anything is written or loaded
+    accelerator = start_run(cfg, resume)                # accelerator, seed, output_dir
+    model, optimizer, scheduler = prepare(accelerator, cfg, model, params)
+    start = resume_state(accelerator, resume).get("step", 0)
+    for step in progress(accelerator, start, cfg.max_steps, "stage"):
+        for micro in range(accum):
+            t, noise, gen = draw_t_noise(cfg, step, micro, n_global, shape, mine)
+            with accelerator.accumulate(model): loss = …; accelerator.backward(loss); clip_and_step(…)
+        metrics = end_step(accelerator, scheduler, sums, step + 1, last_ckpt)   # reduce, NaN stop
+        if due(step + 1, cfg.logging_steps, cfg.max_steps): log_train(…)
+        if due(step + 1, cfg.save_steps, cfg.max_steps): save_checkpoint(…)
 """
 
 from __future__ import annotations
@@ -12,12 +27,175 @@ import json
 import math
 import os
 import shutil
+from dataclasses import dataclass
 
 import torch
-from transformers import get_scheduler
+from transformers import SchedulerType, get_scheduler
 
+from .cli import check_fields, check_types
 from .errors import MissingInput
+from .flow import DENSITIES, sample_t
 from .outputs import check_output_dir, clear_run_files, replace_folder
+from .sampling import GUIDANCE, SOLVER, SOLVERS, STEPS
+
+
+@dataclass
+class TrainConfig:
+    """The fields pretraining and DPO share (TRL's names); a stage's config inherits them and
+    redeclares a field only to change its default."""
+    # data, read from a cache of latents and text embeddings (base_model.precompute)
+    cache_dir: str = ""  # where the data are precomputed on first use; "" → output_dir/data-cache
+    aspect_buckets: bool = True  # precompute into aspect-ratio buckets at the resolution² pixel budget
+    dataloader_num_workers: int = 2  # processes reading the cache ahead of the loop
+    # training times t of the flow-matching objective
+    timestep_density: str = "logit_normal"  # one of flow.DENSITIES
+    logit_mean: float = 0.0  # rf/lognorm(0.00, 1.00) won the SD3 paper's study
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    shift: float = 1.0  # resolution shift α for training times
+    # optimisation
+    optimizer: str = "adamw"  # "adamw" or "adamw_8bit" (bitsandbytes)
+    learning_rate: float = 1e-3
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8  # SD3 used 1e-15 with QK-norm for bf16 stability at scale
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "constant_with_warmup"  # any transformers.get_scheduler name: "cosine", "linear", …
+    warmup_steps: int = 0
+    max_steps: int = 400
+    per_device_train_batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # "no" or "bf16" (pays on GPUs and CPUs with bf16 matmul units)
+    # logging, sample grids, checkpoints
+    output_dir: str = "runs/train"
+    logging_steps: int = 25
+    eval_steps: int = 200  # the stage's evaluation and sample grid
+    save_steps: int = 200
+    save_total_limit: int = 2  # older checkpoints are deleted
+    sample_solver: str = SOLVER  # for the sample grids: "euler" or "midpoint"
+    sample_steps: int = STEPS
+    guidance: float = GUIDANCE
+    num_samples: int = 16
+    report_to: str = "wandb"  # "wandb" (offline without an account) or "none"
+    resume_from_checkpoint: str = ""  # "latest" or a checkpoint folder
+    overwrite_output_dir: bool = False  # replace a finished run in output_dir (as in transformers)
+    seed: int = 0
+
+    def __post_init__(self):
+        check_types(self)
+        check_fields(self, {"timestep_density": DENSITIES, "optimizer": ("adamw", "adamw_8bit"),
+                            "mixed_precision": ("no", "bf16"), "report_to": ("wandb", "none"),
+                            "sample_solver": SOLVERS,
+                            "lr_scheduler_type": tuple(t.value for t in SchedulerType)},
+                     ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps"))
+
+
+def launched_world() -> int:
+    """Processes of this launch, known before the Accelerator exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def start_run(cfg, resume: str | None):
+    """The Accelerator (gradient accumulation of cfg), the global seed, and --output_dir made."""
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(cfg.output_dir, cfg.report_to, cfg.mixed_precision,
+                                   getattr(cfg, "gradient_accumulation_steps", 1))
+    set_seed(cfg.seed)
+    make_run_folder(accelerator, cfg, resume)
+    return accelerator
+
+
+def prepare(accelerator, cfg, model, params):
+    """Optimizer and LR schedule of `params`, DeepSpeed told the micro-batch and the clipping, and
+    all three through `accelerator.prepare` → (model, optimizer, scheduler)."""
+    optimizer, scheduler = optimizer_and_scheduler(cfg, params)
+    configure_deepspeed(accelerator, cfg.per_device_train_batch_size, cfg.max_grad_norm)
+    return accelerator.prepare(model, optimizer, scheduler)
+
+
+def resume_state(accelerator, resume: str | None) -> dict:
+    """Restore a checkpoint's accelerate state; → its trainer_state.json ({} for a fresh run)."""
+    if not resume:
+        return {}
+    accelerator.load_state(resume)
+    with open(os.path.join(resume, "trainer_state.json")) as f:
+        state = json.load(f)
+    accelerator.print(f"resumed from {resume} at step {state['step']}")
+    return state
+
+
+def build_caches(accelerator, cfgs: list, text, space, cond: tuple) -> None:
+    """Every process builds its share of the caches still to build (`precompute.pending`)."""
+    from .precompute import precompute
+
+    for c in cfgs:
+        precompute(c, accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone,
+                   text, space, cond)
+
+
+def progress(accelerator, start: int, total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(range(start, total), initial=start, total=total, desc=desc,
+                disable=not accelerator.is_local_main_process)
+
+
+def due(done: int, every: int, last: int) -> bool:
+    """Every `every` steps, and at the last one."""
+    return done % every == 0 or done == last
+
+
+def read_batches(cache, buckets: dict, cfg, rank: int, world: int, start: int):
+    """This process's batches of the run from the cache, from optimizer step `start` on: global
+    batch k is a function of (seed, k), process r reads slice r of it (`cache.GlobalBatches`)."""
+    from .cache import GlobalBatches, loader
+
+    accum = cfg.gradient_accumulation_steps
+    batches = GlobalBatches(buckets, cfg.per_device_train_batch_size * world, cfg.seed, cache.path)
+    return iter(loader(cache, batches, rank, world, start * accum, cfg.max_steps * accum, cfg.dataloader_num_workers))
+
+
+def draw_t_noise(cfg, step: int, micro: int, n_global: int, shape: tuple, mine: slice):
+    """t and noise of micro-step (step, micro), drawn for the global batch from (seed, step, micro)
+    and sliced to this process → (t, noise, the generator, for the stage's further draws)."""
+    gen = step_generator(cfg.seed, step, micro)
+    t = sample_t(n_global, cfg.timestep_density, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, cfg.shift,
+                 generator=gen)[mine]
+    return t, torch.randn((n_global, *shape), generator=gen)[mine], gen
+
+
+def add_metrics(sums: dict, metrics: dict, accum: int) -> None:
+    """Accumulate a micro-step's metrics into the step's means."""
+    for k, v in metrics.items():
+        sums[k] = sums.get(k, 0.0) + float(v) / accum
+
+
+def end_step(accelerator, scheduler, sums: dict, done: int, last_checkpoint: str | None) -> dict:
+    """LR step, the step's metrics averaged over processes, and the NaN stop."""
+    scheduler.step()
+    reduced = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), "mean")
+    metrics = dict(zip(sums, reduced.tolist()))
+    check_finite(metrics["loss"], done, last_checkpoint)
+    return metrics
+
+
+POSTFIX = {"loss": "train/loss", "acc": "train/rewards/accuracies"}  # shown on the progress bar
+
+
+def log_train(accelerator, output_dir: str, history: list[dict], done: int, lr: float, seconds: float,
+              items: int, unit: str, bar=None) -> None:
+    """The mean of each metric over `history` (the steps since the last log), the LR and the
+    throughput (`items` per step, as train/{unit}_per_s), to the trackers and log.jsonl."""
+    logs = {f"train/{k}": sum(h[k] for h in history) / len(history) for k in history[0]}
+    logs["train/lr"] = lr
+    logs[f"train/{unit}_per_s"] = len(history) * items / seconds
+    if bar is not None:
+        bar.set_postfix({name: f"{logs[key]:.4f}" if name == "loss" else f"{logs[key]:.2f}"
+                         for name, key in POSTFIX.items() if key in logs})
+    accelerator.log(logs, step=done)
+    append_log(output_dir, accelerator, {"step": done, **logs})
 
 
 def make_accelerator(output_dir: str, report_to: str, mixed_precision: str = "no", accum: int = 1):

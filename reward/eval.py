@@ -46,6 +46,8 @@ class EvalConfig:
     steps: int = STEPS
     guidance: float = GUIDANCE
     shift: float = 1.0
+    height: int = 0  # pixels; 0: each model's training resolution
+    width: int = 0
     seed: int = 0
     val_images: int = 256  # shapes-world validation images for the 8-level validation loss (0: skip)
     batch_size: int = 256
@@ -87,7 +89,7 @@ def generate(spec: str, captions: list[str], cfg: EvalConfig):
     rep = torch.arange(len(captions)).repeat_interleave(k)
     seeds = [cfg.seed + i for i in range(len(captions) * k)]
     images = gen.generate(None, seeds, cfg.steps, cfg.guidance, batch_size=cfg.batch_size,
-                          context=(context[rep], pooled[rep]), solver=cfg.solver)
+                          context=(context[rep], pooled[rep]), solver=cfg.solver, height=cfg.height, width=cfg.width)
     val = None
     if cfg.val_images and gen.image_space == "pixels":
         data, _ = shapes_data("val", cfg.val_images, gen.model.config.sample_size)
@@ -202,6 +204,8 @@ def main(argv=None):
     ap.add_argument("--scorers", nargs="+", default=["compositional"])
     add_sampler_args(ap)
     ap.add_argument("--shift", type=float, default=1.0)
+    ap.add_argument("--height", type=int, default=0, help="pixels; 0: each model's training resolution")
+    ap.add_argument("--width", type=int, default=0, help="pixels; 0: each model's training resolution")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--val_images", type=int, default=256)
     ap.add_argument("--report_prompts", type=int, default=48)

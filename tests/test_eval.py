@@ -145,3 +145,23 @@ def test_wandb_logs_every_metric_offline(two, tmp_path, monkeypatch):
     for key, value in flat.items():
         assert logged[key] == pytest.approx(value), key
     assert logged["report/_type"] == "html-file"
+
+
+def test_height_and_width_sample_through_the_one_path(two, tmp_path, monkeypatch):
+    """--height/--width reach `Loaded.generate`: a wide image at the model's patch grid; a side that
+    is not a whole number of patches, or beyond the position table, is an InputError naming it."""
+    from base_model.errors import InputError
+
+    a, _ = two
+    caps, _ = reval.read_prompts("heldout_prompts", 2)
+    cfg = reval.EvalConfig(models=[("x", a)], n_prompts=2, n_per_prompt=1, steps=2, val_images=0, height=16, width=32)
+    images, _ = reval.generate(a, caps, cfg)
+    assert images.shape == (2, 3, 16, 32)
+    for h, w, match in ((16, 30, "multiples of 4 px"), (16, 64, "up to 32 px")):
+        with pytest.raises(InputError, match=match):
+            reval.generate(a, caps, reval.EvalConfig(models=[("x", a)], n_prompts=2, n_per_prompt=1, steps=2,
+                                                     val_images=0, height=h, width=w))
+    parsed = {}
+    monkeypatch.setattr(reval, "evaluate", lambda cfg: parsed.setdefault("cfg", cfg) and {"models": {}, "pairwise": {}})
+    reval.main(["--model", f"x={a}", "--height", "16", "--width", "32", "--output_dir", str(tmp_path / "e")])
+    assert (parsed["cfg"].height, parsed["cfg"].width) == (16, 32)

@@ -121,6 +121,28 @@ def test_resume_gives_the_uninterrupted_run(base, tmp_path):
                           forward(load_model(str(tmp_path / "part" / "final"))), atol=1e-6)
 
 
+def test_prompt_embeddings_come_from_the_cache_and_a_full_cache_loads_no_text_encoder(base, tmp_path, monkeypatch):
+    """The pool's text table is built on first use under --cache_dir; a second run reads it without
+    loading a text encoder and trains the same."""
+    from base_model.cache import Cache
+
+    flags = ["--method", "raft", "--raft_threshold=-1", "--rounds", "1", "--cache_dir", str(tmp_path / "cache")]
+    first = logged(run(base, tmp_path / "a", *flags))
+    (name,) = os.listdir(tmp_path / "cache")
+    texts = Cache(str(tmp_path / "cache" / name))
+    assert texts.kind == "text" and len(texts) == 0 and texts.manifest["text"]["count"] > 2  # captions only
+
+    def no_encoder(*a, **k):
+        raise AssertionError("a text encoder was loaded although the cache holds every prompt")
+
+    monkeypatch.setattr(online, "TextEmbedder", no_encoder)
+    monkeypatch.setattr("base_model.adapters.TextEmbedder", no_encoder, raising=False)
+    monkeypatch.setattr("base_model.text.TextEmbedder", no_encoder)
+    second = logged(run(base, tmp_path / "b", *flags))
+    assert second[1]["train/loss"] == first[1]["train/loss"]
+    assert second[1]["round/reward_mean"] == first[1]["round/reward_mean"]
+
+
 @pytest.mark.parametrize("spec, error, match", [
     ("py:tests.test_online:broken", RuntimeError, r"reward 'py:tests.test_online:broken' failed in round 1: KeyError"),
     ("py:tests.test_online:half_nan", ValueError, r"reward 'py:tests.test_online:half_nan' returned 8 non-finite"),
