@@ -28,8 +28,10 @@ from transformers import SchedulerType
 from .adapters import load
 from .cli import check_types, parse
 from .cache import Cache, GlobalBatches, check_conditioning, is_cache, loader
-from .flow import DENSITIES, flow_loss, sample_t, validation_loss
-from .mmdit import PRESETS, MMDiT, preset
+from .backbones import build_model
+from .flow import DENSITIES, sample_t, validation_loss
+from .formulations import as_velocity, formulation_loss
+from .mmdit import BACKBONES, FORMULATIONS, PRESETS, MMDiT, preset
 from .sampling import GUIDANCE, SOLVER, SOLVERS, STEPS, sample
 from .precompute import check_source, precompute, up_to_date
 from .shapes import make_split, save_grid
@@ -55,12 +57,17 @@ class PretrainConfig:
     num_val: int = 256  # shapes world: validation scenes (fixed set for the validation loss)
     # model and conditioning
     model_preset: str = "toy"  # MMDiT preset; context and pooled widths come from the text encoders
+    depth: int = 0  # blocks; 0 keeps the preset's (the scaling study sets depth, hidden and heads)
+    hidden: int = 0  # width; 0 keeps the preset's
+    heads: int = 0  # attention heads; 0 keeps the preset's
+    backbone: str = "mmdit"  # "mmdit", or a baseline of base_model/backbones.py: "dit", "crossdit", "uvit"
     init_from: str = ""  # continue from a checkpoint, CHECKPOINT+ADAPTER or a diffusers SD3 folder (its
     #                      text encoders and image space then replace text_encoders / image_space)
     text_encoders: list[str] = field(default_factory=lambda: ["minilm"])  # "minilm", "clip:PATH", "t5:PATH"
     image_space: str = "pixels"  # "pixels", or "vae:PATH" for a local diffusers AutoencoderKL folder
     text_drop_prob: float = 0.464  # each encoder dropped independently (SD3's value for 3 encoders)
-    # objective
+    # objective (with --init_from, the checkpoint's backbone and formulation)
+    formulation: str = "rf"  # "rf" (velocity), "eps_linear" or "v_cos": base_model/formulations.py
     timestep_density: str = "logit_normal"  # one of flow.DENSITIES
     logit_mean: float = 0.0  # rf/lognorm(0.00, 1.00) won the paper's study
     logit_std: float = 1.0
@@ -100,6 +107,11 @@ class PretrainConfig:
         check_types(self)
         if self.timestep_density not in DENSITIES:
             raise ValueError(f"--timestep_density {self.timestep_density!r}: choose from {DENSITIES}")
+        if self.backbone not in BACKBONES or self.formulation not in FORMULATIONS:
+            raise ValueError(f"--backbone {self.backbone!r} / --formulation {self.formulation!r}: choose from "
+                             f"{BACKBONES} / {FORMULATIONS}")
+        if min(self.depth, self.hidden, self.heads) < 0:
+            raise ValueError("--depth, --hidden and --heads must be ≥ 0 (0: the preset's)")
         if self.model_preset not in PRESETS:
             raise ValueError(f"--model_preset {self.model_preset!r}: choose from {sorted(PRESETS)}")
         if self.lr_scheduler_type not in {t.value for t in SchedulerType}:
@@ -247,12 +259,15 @@ def main(cfg: PretrainConfig):
     if init is not None:
         model = init.model.train().requires_grad_(True)
     else:
+        sizes_given = {k: v for k in ("depth", "hidden", "heads") if (v := getattr(cfg, k))}
         mcfg = preset(cfg.model_preset, in_channels=train.channels, context_dim=train.manifest["text"]["context_dim"],
-                      pooled_dim=train.manifest["text"]["pooled_dim"], sample_size=cfg.resolution // train.downsample)
+                      pooled_dim=train.manifest["text"]["pooled_dim"], sample_size=cfg.resolution // train.downsample,
+                      backbone=cfg.backbone, formulation=cfg.formulation, **sizes_given)
         mcfg.pos_embed_max_size = max(mcfg.pos_embed_max_size, max(sizes) // mcfg.patch_size)  # widest bucket
-        model = MMDiT(mcfg)
+        model = build_model(mcfg)
+    form = model.config.formulation
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
-    accelerator.print(f"MMDiT {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+    accelerator.print(f"{model.config.backbone} ({form}) {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                       f"{sum(map(len, buckets.values()))} training images in {len(buckets)} bucket(s), "
                       f"{train.manifest['text']['count']} distinct captions, {world} process(es)")
 
@@ -291,7 +306,7 @@ def main(cfg: PretrainConfig):
             dev = accelerator.device
             x0, noise, t, context, pooled = (v.to(dev) for v in (batch["x"], noise, t, context, pooled))
             with accelerator.accumulate(model):
-                loss = flow_loss(model, x0, noise, t, context, pooled).mean()
+                loss = formulation_loss(form, model, x0, noise, t, context, pooled).mean()
                 accelerator.backward(loss)
                 clip_and_step(accelerator, model, optimizer, cfg.max_grad_norm)
             step_loss += loss.detach() / accum
@@ -311,7 +326,7 @@ def main(cfg: PretrainConfig):
             history, t0 = [], time.time()
         if done % cfg.eval_steps == 0 or done == cfg.max_steps:
             space = space or image_space(cond[1])  # the decoder, for the grid only
-            evaluate(model, ema, enc, cfg, accelerator, done, space, uncond)
+            evaluate(model, form, ema, enc, cfg, accelerator, done, space, uncond)
         if done % cfg.save_steps == 0 or done == cfg.max_steps:
             write_ema = None if ema is None else (lambda d: ema.save_pretrained(os.path.join(d, "ema")))
             last_ckpt = save_checkpoint(accelerator, cfg.output_dir, done, cfg.save_total_limit, {"step": done},
@@ -324,11 +339,12 @@ def main(cfg: PretrainConfig):
     accelerator.end_training()
 
 
-def evaluate(model, ema, enc, cfg, accelerator, step, vae, uncond=None):
-    """Validation loss at 8 t levels (fixed set and noise) and a grid from the EMA weights."""
+def evaluate(model, form, ema, enc, cfg, accelerator, step, vae, uncond=None):
+    """Validation loss at 8 t levels (fixed set and noise) and a grid from the EMA weights. The loss is
+    the rf velocity loss whatever the formulation (`formulations.as_velocity`): one scale for all."""
     model.eval()
     dev = accelerator.device
-    val = validation_loss(lambda x, t, c, p: model(x, t, c, p), enc["x_val"].to(dev),
+    val = validation_loss(as_velocity(lambda x, t, c, p: model(x, t, c, p), form), enc["x_val"].to(dev),
                           (enc["context"].to(dev), enc["pooled"].to(dev)), seed=cfg.seed)
     accelerator.log({"val/loss": val["loss"], **{f"val/loss_t{i}": v for i, v in enumerate(val["loss_t"])}},
                     step=step)
