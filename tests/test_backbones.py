@@ -1,7 +1,6 @@
 """The baselines beside MM-DiT: same call and checkpoint format, gradients everywhere, they learn."""
 
 import json
-import os
 
 import pytest
 import torch
