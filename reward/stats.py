@@ -232,7 +232,8 @@ def pearson_ci(x, y, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> 
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     r = lambda idx: np.corrcoef(x[idx], y[idx])[0, 1]  # noqa: E731
     rng = np.random.default_rng(seed)
-    boots = [r(idx) for idx in _resamples(len(x), None, n_boot, rng)]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boots = [r(idx) for idx in _resamples(len(x), None, n_boot, rng)]
     boots = [b for b in boots if np.isfinite(b)]  # a resample of one repeated pair has no r
-    lo, hi = _interval(boots, level)
+    lo, hi = _interval(boots, level) if boots else (np.nan, np.nan)  # constant x or y: r undefined
     return {"r": float(r(np.arange(len(x)))), "ci95": [float(lo), float(hi)], "n": len(x)}
