@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import SchedulerType
 
-from base_model.adapters import BASE_RECORD, load, weights_sha256
+from base_model.adapters import BASE_RECORD, load, require_rf, weights_sha256
 from base_model.cli import check_fields, check_types, parse
 from base_model.cache import Cache, GlobalBatches, check_conditioning, is_cache, loader
 from base_model.flow import DENSITIES, flow_loss, sample_t
@@ -179,7 +179,7 @@ def main(cfg: DPOConfig):
     resume = check_run_folder(cfg)  # before anything is written or loaded
     # Frozen encoders load before the Accelerator (ZeRO-3 would partition them), and the text
     # encoders only when the pairs' cache is still to be built: the loop reads embeddings from it.
-    loaded = load(cfg.base, text_encoders=False)
+    loaded = require_rf(load(cfg.base, text_encoders=False))
     model = loaded.model.train()
     cond = loaded.encoders
     pcfg, cache_path = pairs_cache(cfg, cond, loaded.resolution, loaded.max_side, int(os.environ.get("WORLD_SIZE", "1")))

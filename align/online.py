@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from tqdm.auto import tqdm
 
-from base_model.adapters import load, weights_sha256
+from base_model.adapters import load, require_rf, weights_sha256
 from base_model.cli import check_fields, check_types, parse
 from base_model.flow import DENSITIES, flow_loss, interpolate, sample_t
 from base_model.sampling import GUIDANCE, SOLVER, SOLVERS, STEPS, sample
@@ -290,7 +290,7 @@ def main(cfg: OnlineConfig):
         raise InputError("--base CHECKPOINT (or an SD3 folder) is required")
     B, seed = cfg.per_device_train_batch_size, cfg.seed
     resume = check_run_folder(cfg)  # before anything is written or loaded
-    loaded = load(cfg.base)
+    loaded = require_rf(load(cfg.base))
     text, space, model = loaded.text, loaded.space, loaded.model.train()
     accelerator = make_accelerator(cfg.output_dir, cfg.report_to, cfg.mixed_precision)
     set_seed(seed)

@@ -76,3 +76,12 @@ def test_a_few_steps_reduce_the_loss_and_sampling_reads_the_formulation(backbone
     assert loss().item() < 0.8 * first
     images = sample(model.eval(), context[:2], pooled[:2], [0, 1], (3, 16, 16), steps=3, guidance=2.0, progress=False)
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_alignment_refuses_a_base_trained_as_eps(tmp_path):
+    from base_model.adapters import Loaded, require_rf
+    from base_model.errors import InputError
+
+    loaded = Loaded(MMDiT(preset("toy", **TINY, formulation="eps_linear")), None, None, 1.0, None, "pixels", {})
+    with pytest.raises(InputError, match="trained as 'eps_linear'"):
+        require_rf(loaded)
