@@ -223,7 +223,7 @@ def summarize(cfg: StudyConfig, runs: list[Run], results: list[dict]) -> dict:
                                  for i in range(n_set)]}
     out = {"name": cfg.name, "config": asdict(cfg), "cells": table,
            "runs": [{"cell": r.cell, "seed": r.seed, "key": r.key, "wall_s": res["wall_s"],
-                     **{k: v for k, v in res["eval"].items()}} for r, res in zip(runs, results)]}
+                     **res["eval"]} for r, res in zip(runs, results)]}
     n_seeds = min(len(rs) for rs in by_cell.values())
     metric = lambda m: np.array([[[s[m] if s[m] is not None else 0.0 for s in r["eval"]["settings"]]  # noqa: E731
                                   for r in by_cell[c][:n_seeds]] for c in cells])  # (cells, seeds, settings)
@@ -247,12 +247,12 @@ def table_lines(study: dict) -> list[str]:
     last = len(cfg["steps"]) * len(cfg["guidance"]) - 1
     rank = dict(zip(study["ranking"]["cells"], zip(study["ranking"]["mean_rank"], study["ranking"]["ci95"]))) \
         if "ranking" in study else {}
-    lines = [f"{'cell':28s} {'params':>8s} {'GFLOP/s':>8s} {'val loss':>8s} {'accuracy':>9s} {'FD':>7s} {'mean rank [95% CI]':>20s}"]
+    lines = [f"{'cell':28s} {'params':>8s} {'fwd GFLOP':>9s} {'val loss':>8s} {'accuracy':>9s} {'FD':>7s} {'mean rank [95% CI]':>20s}"]
     for c, e in study["cells"].items():
         s = e["settings"][last]
         fd = f"{s['fd']['mean']:7.3f}" if "fd" in s else f"{'–':>7s}"
         r = f"{rank[c][0]:.2f} [{rank[c][1][0]:.2f}, {rank[c][1][1]:.2f}]" if c in rank else "–"
-        lines.append(f"{c:28s} {e['params'] / 1e6:7.2f}M {e['flops_per_sample'] / 1e9:8.3f} {e['val_loss']['mean']:8.4f} "
+        lines.append(f"{c:28s} {e['params'] / 1e6:7.2f}M {e['flops_per_sample'] / 1e9:9.3f} {e['val_loss']['mean']:8.4f} "
                      f"{s['accuracy']['mean']:9.1%} {fd} {r:>20s}")
     if "scaling" in study:
         f = study["scaling"]["fit"]
