@@ -64,16 +64,18 @@ def dpo_loss(policy_losses: torch.Tensor, ref_losses: torch.Tensor | None, beta:
 # ---------------------------------------------------------------------------------------------
 
 
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, global_std: bool = False) -> torch.Tensor:
     """Group-relative advantages (GRPO, Shao et al. 2024; Flow-GRPO eq. 4): rewards (P, K) of K
     samples per prompt → (r − mean_p) / (std_p + eps), with the population std (ddof 0) as in
-    Flow-GRPO's per-prompt stat tracker. A group with no spread gets advantage 0 everywhere: it
-    carries no signal."""
+    Flow-GRPO's per-prompt stat tracker. With `global_std` the std is the whole round's, as
+    DiffusionNFT's default: a group's rare success keeps its size instead of being scaled up by a
+    small group std. A group with no spread gets advantage 0 everywhere: it carries no signal."""
     if rewards.dim() != 2 or rewards.shape[1] < 2:
         raise ValueError(f"rewards must be (prompts, K ≥ 2), got {tuple(rewards.shape)}")
     mean = rewards.mean(1, keepdim=True)
-    std = rewards.std(1, unbiased=False, keepdim=True)
-    return torch.where(std > 0, (rewards - mean) / (std + eps), torch.zeros_like(rewards))
+    spread = rewards.std(1, unbiased=False, keepdim=True)
+    std = rewards.std(unbiased=False).expand_as(spread) if global_std else spread
+    return torch.where(spread > 0, (rewards - mean) / (std + eps), torch.zeros_like(rewards))
 
 
 def optimality_probability(advantages: torch.Tensor, clip_max: float = 1.0) -> torch.Tensor:
@@ -83,7 +85,7 @@ def optimality_probability(advantages: torch.Tensor, clip_max: float = 1.0) -> t
 
 
 def nft_loss(v_theta: torch.Tensor, v_old: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor,
-             t: torch.Tensor, r: torch.Tensor, beta: float = 1.0) -> tuple[torch.Tensor, dict]:
+             t: torch.Tensor, r: torch.Tensor, beta: float = 1.0, scale: float = 1.0) -> tuple[torch.Tensor, dict]:
     """DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117, eq. 7 with its adaptive weighting).
 
     Clean samples x0 of the sampling ("old") policy, noised on the forward path x_t = (1−t)·x0 + t·ε,
@@ -94,8 +96,10 @@ def nft_loss(v_theta: torch.Tensor, v_old: torch.Tensor, x_t: torch.Tensor, x0: 
     and each is trained with the flow-matching loss in x0 space, x̂0 = x_t − t·v, weighted by
     1 / sg(mean |x̂0 − x0|) (the paper's adaptive weight):
 
-        L = mean_i [ r_i·‖x̂0⁺ − x0‖² / w⁺_i + (1 − r_i)·‖x̂0⁻ − x0‖² / w⁻_i ] / β
+        L = scale · mean_i [ r_i·‖x̂0⁺ − x0‖² / w⁺_i + (1 − r_i)·‖x̂0⁻ − x0‖² / w⁻_i ] / β
 
+    With r = 0.5 + A/(2c) from `optimality_probability`, scale = c makes a sample's pull
+    proportional to its advantage A whatever the clip bound c (the reference implementation's choice).
     Positives pull v_θ toward their data, negatives push it away, relative to v_old. When
     v_θ = v_old both implicit policies equal v_old. Shapes: v, x (B, C, H, W); t, r (B,)."""
     tb = t.view(-1, *[1] * (x0.dim() - 1))
@@ -107,7 +111,7 @@ def nft_loss(v_theta: torch.Tensor, v_old: torch.Tensor, x_t: torch.Tensor, x0: 
     w_neg = neg.detach().abs().mean(dims).clamp_min(1e-5)
     pos_loss = pos.pow(2).mean(dims) / w_pos
     neg_loss = neg.pow(2).mean(dims) / w_neg
-    loss = ((r * pos_loss + (1 - r) * neg_loss) / beta).mean()
+    loss = scale * ((r * pos_loss + (1 - r) * neg_loss) / beta).mean()
     metrics = {"loss": loss.detach(), "nft/positive_loss": pos_loss.detach().mean(),
                "nft/negative_loss": neg_loss.detach().mean(),
                "nft/old_deviation": (v_theta.detach() - v_old).pow(2).mean(), "nft/r": r.mean()}

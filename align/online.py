@@ -88,6 +88,8 @@ class OnlineConfig:
     # DiffusionNFT
     nft_beta: float = 1.0  # how far the implicit policies sit from the old one
     adv_clip_max: float = 1.0  # advantages clipped to ±this before mapping to r ∈ [0, 1]
+    nft_loss_scale: str = "one"  # "one" or "clip": the loss × adv_clip_max (DiffusionNFT's code)
+    global_std: bool = False  # advantages divided by the round's reward std, not each group's
     old_decay: float = 0.0  # old ← decay·old + (1 − decay)·policy after each round
     # Flow-GRPO
     grpo_steps: int = 10  # Euler SDE steps of the training rollouts
@@ -126,7 +128,7 @@ class OnlineConfig:
         check_types(self)
         choices = {"method": METHODS, "sample_solver": SOLVERS, "timestep_density": DENSITIES,
                    "optimizer": ("adamw", "adamw_8bit"), "mixed_precision": ("no", "bf16"),
-                   "report_to": ("wandb", "none")}
+                   "report_to": ("wandb", "none"), "nft_loss_scale": ("one", "clip")}
         check_fields(self, choices, ("prompts_per_round", "rounds", "steps_per_round", "per_device_train_batch_size",
                                      "lora_r", "sample_steps", "grpo_steps", "save_rounds"))
         if self.k < 2:
@@ -275,7 +277,8 @@ def step_loss(model, peft_model, cfg: OnlineConfig, buf: dict, idx: torch.Tensor
     x_t = interpolate(x0, noise, t)  # nft
     with torch.no_grad(), adapter(peft_model, OLD):
         v_old = model(x_t, t, c, p)
-    return nft_loss(model(x_t, t, c, p), v_old, x_t, x0, t, buf["r"][idx], cfg.nft_beta)
+    scale = cfg.adv_clip_max if cfg.nft_loss_scale == "clip" else 1.0
+    return nft_loss(model(x_t, t, c, p), v_old, x_t, x0, t, buf["r"][idx], cfg.nft_beta, scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +350,7 @@ def main(cfg: OnlineConfig):
         # 3. the method's training signal
         buf = {"x0": x0, "prompt": torch.arange(len(prompts)).repeat_interleave(cfg.k),
                "context": context, "pooled": pooled, "uncond": loaded.uncond}
-        adv = group_advantages(rewards)
+        adv = group_advantages(rewards, global_std=cfg.global_std)
         zero_spread = float((rewards.std(1) == 0).float().mean())
         n_items = build_signal(buf, cfg, rewards, adv, traj, gather_object)
         metrics_sum: dict[str, float] = {}

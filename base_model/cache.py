@@ -135,8 +135,8 @@ class Cache:
 
     def _shard(self, i: int, name: str) -> np.ndarray:
         s, dtype = self.shards[i], self.manifest["dtype"]
-        if name == "text":
-            return self._array(s["name"], "text", (s["count"],), "int64")
+        if name in ("text", "rows"):
+            return self._array(s["name"], name, (s["count"],), "int64")
         return self._array(s["name"], name, (s["count"], *self.shape(s["bucket"])), dtype)
 
     def text(self, text_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,13 +168,23 @@ class Cache:
         """The text-table rows of samples `ids`."""
         return self._gather(np.asarray(ids, dtype=np.int64), self.offsets, lambda i: self._shard(i, "text"))
 
-    def read(self, ids) -> dict[str, torch.Tensor]:
-        """Samples `ids` (one bucket): float32 image tensors, their context and pooled embeddings."""
+    def source_rows(self, ids) -> np.ndarray:
+        """The rows of the source data set that samples `ids` were made from."""
+        return self._gather(np.asarray(ids, dtype=np.int64), self.offsets, lambda i: self._shard(i, "rows"))
+
+    def read(self, ids, text: bool = True) -> dict[str, torch.Tensor]:
+        """Samples `ids` (one bucket): float32 image tensors, and (`text`) their context and pooled embeddings."""
         ids = np.asarray(ids, dtype=np.int64)
         out = {f: torch.from_numpy(self._gather(ids, self.offsets, lambda i, f=f: self._shard(i, f))).float()
                for f in self.fields}
-        out["context"], out["pooled"] = self.text(self.text_rows(ids))
+        if text:
+            out["context"], out["pooled"] = self.text(self.text_rows(ids))
         return out
+
+    def bucket_of(self, ids) -> np.ndarray:
+        """The bucket of each sample."""
+        shard = np.searchsorted(self.offsets, np.asarray(ids, dtype=np.int64), side="right") - 1
+        return np.array([s["bucket"] for s in self.shards], dtype=np.int64)[shard]
 
 
 class GlobalBatches:

@@ -6,6 +6,7 @@
     atomic_folder(path)                          a folder written aside, then renamed into place
     replace_folder(new, path)                    the rename step, for folders several processes write
     write_text(path, text), write_json(path, obj)  one file, written aside and renamed
+    png_data_uri(image or figure)                an image embedded in a self-contained HTML report
 
 A run folder holding a finished run (`final/`), an unfinished one (`checkpoint-N/`) or anything else is
 refused with one line naming it and the flags that choose what to do, as transformers does:
@@ -15,7 +16,9 @@ refused with one line naming it and the flags that choose what to do, as transfo
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import json
 import os
 import re
@@ -120,3 +123,18 @@ def write_text(path: str, text: str) -> None:
 
 def write_json(path: str, obj, indent: int | None = 1) -> None:
     write_text(path, json.dumps(obj, indent=indent))
+
+
+def png_data_uri(array_or_fig) -> str:
+    """A uint8 (H, W, 3) image or a matplotlib figure (closed here) as a PNG data URI."""
+    buf = io.BytesIO()
+    if hasattr(array_or_fig, "savefig"):
+        import matplotlib.pyplot as plt
+
+        array_or_fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(array_or_fig)
+    else:
+        from PIL import Image
+
+        Image.fromarray(array_or_fig).save(buf, format="png")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

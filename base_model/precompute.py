@@ -37,7 +37,7 @@ from .cli import check_types, parse
 from .data import to_model_space
 from .errors import InputError, MissingInput, entry_point
 from .outputs import atomic_folder, write_json
-from .sources import check_source, fingerprint, load_rows, scan
+from .sources import check_source, load_rows, scan, source_identity
 
 
 @dataclass
@@ -131,9 +131,7 @@ def conditioning(cfg: PrecomputeConfig, cond: tuple | None = None) -> tuple[list
 
 def identity(cfg: PrecomputeConfig, encoders: list[str], space: str) -> dict:
     """What a cache's contents depend on: a resumed run must match it."""
-    source = cfg.pairs or cfg.dataset
-    inputs = ({"world": "shapes", "split": cfg.split, "num_images": cfg.num_images} if source == "shapes"
-              else {"path": os.path.abspath(source), "fingerprint": fingerprint(source)})
+    inputs = source_identity(cfg.pairs or cfg.dataset, cfg.split, cfg.num_images)
     return {"kind": "pairs" if cfg.pairs else "images", "inputs": inputs, "text_encoders": encoders,
             "image_space": space, "resolution": cfg.resolution, "aspect_buckets": cfg.aspect_buckets,
             "bucket_multiple": cfg.bucket_multiple, "max_side": cfg.max_side, "min_bucket": cfg.min_bucket, "shard_size": cfg.shard_size,

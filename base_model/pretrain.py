@@ -27,13 +27,15 @@ from transformers import SchedulerType
 
 from .adapters import load
 from .cli import check_types, parse
-from .cache import Cache, GlobalBatches, check_conditioning, is_cache, loader
 from .backbones import build_model
+from .cache import Cache, GlobalBatches, check_conditioning, is_cache, loader, read_manifest
+from .dedup import read_keep_index
 from .flow import DENSITIES, sample_t, validation_loss
 from .formulations import as_velocity, formulation_loss
 from .mmdit import BACKBONES, FORMULATIONS, PRESETS, MMDiT, preset
 from .sampling import GUIDANCE, SOLVER, SOLVERS, STEPS, sample
 from .precompute import check_source, precompute, up_to_date
+from .sources import source_identity
 from .shapes import make_split, save_grid
 from .errors import entry_point
 from .outputs import atomic_folder
@@ -48,6 +50,7 @@ class PretrainConfig:
     dataset: str = "shapes"  # "shapes" (built-in world), a cache made by base_model.precompute, or a local
     #                          imagefolder / parquet / arrow / save_to_disk path (precomputed on first use)
     cache_dir: str = ""  # where a dataset is precomputed on first use; "" → output_dir/data-cache
+    keep_index: str = ""  # a base_model.dedup output folder: train only on the rows it kept
     aspect_buckets: bool = True  # precompute into aspect-ratio buckets at the resolution² pixel budget
     dataloader_num_workers: int = 2  # processes reading the cache ahead of the loop
     image_column: str = "image"  # column names for a real dataset
@@ -195,12 +198,23 @@ def data_caches(cfg: PretrainConfig, cond: tuple, world: int, max_side: int = 0)
     return {"train": train, "val": None, "train_path": train.output, "val_path": None}
 
 
-def open_data(paths: dict, cfg: PretrainConfig, cond: tuple):
+def train_inputs(caches: dict) -> dict:
+    """The identity of the training data's source rows, as its cache records it (and a dedup index)."""
+    c = caches["train"]
+    return read_manifest(caches["train_path"])["identity"]["inputs"] if c is None else \
+        source_identity(c.dataset, c.split, c.num_images)
+
+
+def open_data(paths: dict, cfg: PretrainConfig, cond: tuple, kept_rows: np.ndarray | None = None):
     """(train Cache, its training buckets, validation dict): validation images, their text, the
-    grid prompts' text. Without a validation cache, the first images of the largest bucket are held out."""
+    grid prompts' text. Without a validation cache, the first images of the largest bucket are held out.
+    `kept_rows` (a dedup index): only samples made from these source rows are trained on."""
     train = Cache(paths["train_path"])
     check_conditioning(train.path, train.manifest, cond[0], cond[1])
     buckets = train.buckets()
+    if kept_rows is not None:
+        buckets = {b: ids[np.isin(train.source_rows(ids), kept_rows)] for b, ids in buckets.items()}
+        buckets = {b: ids for b, ids in buckets.items() if len(ids)}
     if paths["val_path"]:
         val_cache = Cache(paths["val_path"])
         val = val_cache.read(np.arange(len(val_cache)))
@@ -238,6 +252,7 @@ def main(cfg: PretrainConfig):
     for c in (caches["train"], caches["val"]):
         if c is not None:
             check_source(c)  # a bad --dataset stops here, with nothing written
+    kept_rows = read_keep_index(cfg.keep_index, train_inputs(caches)) if cfg.keep_index else None
     build = [c for c in (caches["train"], caches["val"]) if c is not None and not up_to_date(c, cond)]
     # Frozen encoders load only to build the cache, and before the Accelerator exists: under ZeRO-3
     # it would make transformers partition their weights at load (zero.Init).
@@ -253,7 +268,7 @@ def main(cfg: PretrainConfig):
     for c in build:
         precompute(c, rank, world, accelerator.wait_for_everyone, text, space, cond)
     text = None  # the loop reads embeddings from the cache
-    train, buckets, enc = open_data(caches, cfg, cond)
+    train, buckets, enc = open_data(caches, cfg, cond, kept_rows)
     layout = train.layout()
     sizes = [max(train.shape(b)[1:]) for b in buckets]
     if init is not None:

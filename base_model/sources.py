@@ -35,6 +35,14 @@ def fingerprint(path: str) -> str:
     return h.hexdigest()
 
 
+def source_identity(source: str, split: str = "train", num_images: int = 0) -> dict:
+    """What names a source's rows: the shapes world's split and size, or a path and its fingerprint.
+    A cache records it (manifest identity "inputs"); a dedup index too, so a trainer can check both agree."""
+    if source == "shapes":
+        return {"world": "shapes", "split": split, "num_images": num_images}
+    return {"path": os.path.abspath(source), "fingerprint": fingerprint(source)}
+
+
 def open_table(path: str, columns: list[str], image_columns: list[str], flag: str = "--dataset"):
     """A datasets.Dataset with `columns`, images left as bytes (decoded here, row by row)."""
     import datasets

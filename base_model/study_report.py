@@ -18,9 +18,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from reward.report import CSS, png_data_uri  # noqa: E402
+from reward.report import CSS  # noqa: E402
 
-from .outputs import write_text  # noqa: E402
+from .outputs import png_data_uri, write_text  # noqa: E402
 from .shapes import make_split  # noqa: E402
 
 

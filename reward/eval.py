@@ -26,12 +26,13 @@ from base_model.cli import ArgumentParser, parse_with_config
 from base_model.errors import InputError, MissingInput, entry_point
 from base_model.outputs import check_output_dir
 from base_model.data import shapes_data, to_model_space
+from base_model.features import copy_threshold
 from base_model.flow import validation_loss
 from base_model.formulations import as_velocity
 from base_model.sampling import GUIDANCE, SOLVER, STEPS, add_sampler_args
 from base_model.shapes import SPLIT_OFFSETS, TASKS, make_split
 
-from . import compositional, stats
+from . import compositional, memorization, stats
 from .scorers import get_scorer
 
 
@@ -52,6 +53,16 @@ class EvalConfig:
     report_prompts: int = 48  # prompts shown in the report's image grid
     output_dir: str = "runs/eval"
     report_to: str = "none"
+    # memorization audit (reward.memorization)
+    memorization: bool = False  # match every generation to its nearest --train_data image
+    train_data: str = ""  # what the models trained on: "shapes", an image–caption dataset or a cache
+    train_num_images: int = 50_000  # shapes world: how many train-split scenes (pretrain's --num_train)
+    train_image_column: str = "image"
+    feature_model: str = "thumbnail"  # base_model.features: "thumbnail", a TorchScript file (SSCD), an image tower
+    feature_resolution: int = 288  # images are resized to this side for the features (SSCD: 288)
+    memorization_threshold: float = 0.0  # cosine ≥ this to the nearest training image is a copy; 0: the
+    #                                      feature's default (base_model.features.copy_threshold)
+    closest_pairs: int = 8  # per model, shown in the report
 
 
 def read_prompts(spec: str, n: int):
@@ -93,6 +104,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     targets = [s for s in scenes for _ in range(k)] if scenes else [c for c in captions for _ in range(k)]
     out = {"config": {**asdict(cfg), "models": dict(cfg.models)}, "models": {}, "pairwise": {}}
     images, per_image = {}, {}
+    train = None
+    if cfg.memorization:  # embedded once, before any sampling: a bad --train_data stops here
+        train = memorization.TrainingSet(cfg.train_data, cfg.feature_model, cfg.feature_resolution,
+                                         cfg.train_num_images, cfg.train_image_column, cfg.batch_size)
     for name, spec in cfg.models:
         t0 = time.time()
         images[name], val = generate(spec, captions, cfg)
@@ -114,6 +129,13 @@ def evaluate(cfg: EvalConfig) -> dict:
         if val is not None:
             m["val_loss"] = val
         per_image.setdefault(name, {})["scores"] = scores
+        if train is not None:
+            cos, nearest = train.nearest(images[name], cfg.batch_size)
+            m["memorization"] = {**memorization.audit(cos, groups, copy_threshold(cfg.feature_model, cfg.memorization_threshold)),
+                                 "closest": memorization.closest_pairs(cos, nearest, train.source.rows,
+                                                                       cfg.closest_pairs)}
+            per_image[name]["train_images"] = train.source.read([c["train_position"] for c in
+                                                                 m["memorization"]["closest"]])[1]
         out["models"][name] = m
     ref = cfg.models[0][0]
     for name, _ in cfg.models[1:]:
@@ -157,6 +179,10 @@ def summary_lines(out: dict) -> list[str]:
             a = m["accuracy"]
             lines.append(f"{name}: compositional accuracy {a['mean']:.1%} [{a['ci95'][0]:.1%}, {a['ci95'][1]:.1%}]"
                          f", GenEval overall {m['geneval_overall']:.1%}")
+        if "memorization" in m:
+            c = m["memorization"]["copy_rate"]
+            lines.append(f"{name}: copies of training images {c['mean']:.1%} [{c['ci95'][0]:.1%}, {c['ci95'][1]:.1%}]"
+                         f" (cosine ≥ {m['memorization']['threshold']}, {c['n']} images)")
     for key, pw in out["pairwise"].items():
         if "accuracy_diff" in pw:
             d = pw["accuracy_diff"]
@@ -184,7 +210,20 @@ def main(argv=None):
     ap.add_argument("--output_dir", default="runs/eval")
     ap.add_argument("--report_to", default="none", choices=["none", "wandb"])
     ap.add_argument("--overwrite_output_dir", action="store_true", help="replace the results already in --output_dir")
+    audit = ap.add_argument_group("memorization audit (reward.memorization)")
+    audit.add_argument("--memorization", action="store_true", help="match each generation to its nearest training image")
+    audit.add_argument("--train_data", default="", help='"shapes", an image–caption dataset, or a precomputed cache')
+    audit.add_argument("--train_num_images", type=int, default=50_000, help="shapes world: train-split scenes")
+    audit.add_argument("--train_image_column", default="image")
+    audit.add_argument("--feature_model", default="thumbnail", help="thumbnail, a TorchScript file (SSCD) or an "
+                                                                      "image–text model folder")
+    audit.add_argument("--feature_resolution", type=int, default=288)
+    audit.add_argument("--memorization_threshold", type=float, default=0.0,
+                       help="0: the feature's default (0.5 for SSCD and image towers, 0.9 for thumbnail)")
+    audit.add_argument("--closest_pairs", type=int, default=8)
     args = parse_with_config(ap, argv)
+    if args.memorization and not args.train_data:
+        raise InputError("--memorization needs --train_data: the data the models were trained on")
     models = []
     for m in args.model:
         name, sep, spec = m.partition("=")
@@ -224,6 +263,8 @@ def flat_metrics(out: dict) -> dict[str, float]:
             put(f"{name}/{s}", d)
         if "val_loss" in m:
             flat[f"{name}/val_loss"] = m["val_loss"]["loss"]
+        if "memorization" in m:
+            put(f"{name}/copy_rate", m["memorization"]["copy_rate"])
     for key, pw in out["pairwise"].items():
         for s, d in pw.items():
             if s == "accuracy_diff":

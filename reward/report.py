@@ -7,17 +7,15 @@ the same seeds side by side for every model, each image with its score and verdi
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
+from base_model.outputs import png_data_uri  # noqa: E402
 from base_model.shapes import to_uint8  # noqa: E402
 
 CSS = """
@@ -29,16 +27,6 @@ figure{display:inline-block;margin:2px;text-align:center;font-size:11px}
 figure img{width:96px;height:96px;image-rendering:pixelated;border:3px solid #bbb}
 figure.ok img{border-color:#2a2}figure.bad img{border-color:#d33}.plots img{max-width:49%}
 """
-
-
-def png_data_uri(array_or_fig) -> str:
-    buf = io.BytesIO()
-    if isinstance(array_or_fig, plt.Figure):
-        array_or_fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        plt.close(array_or_fig)
-    else:
-        Image.fromarray(array_or_fig).save(buf, format="png")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _ci(m: dict, pct: bool = True) -> str:
@@ -92,6 +80,32 @@ def distribution_plot(per_image: dict, scorer: str):
     return fig
 
 
+def memorization_section(out: dict, images: dict, per_image: dict, captions: list[str], cfg) -> str:
+    """The audit's table (share of copies per model, 95% CI over prompts) and each model's closest
+    pairs: the generation beside its nearest training image."""
+    e = html.escape
+    rows, pairs = [], []
+    for n, m in out["models"].items():
+        a = m["memorization"]
+        rows.append(f"<tr><td>{e(n)}</td><td>{_ci(a['copy_rate'])}</td><td>{a['copies']}/{a['copy_rate']['n']}</td>"
+                    f"<td>{_ci(a['nearest_cos'], pct=False)}</td></tr>")
+        figs = []
+        for c, train_image in zip(a["closest"], per_image[n]["train_images"]):
+            verdict = "bad" if c["cos"] >= a["threshold"] else "ok"
+            caption = captions[c["image"] // cfg.n_per_prompt]
+            figs.append(f"<figure class='{verdict}' title='{e(caption)}'><img alt='generated' "
+                        f"src='{png_data_uri(to_uint8(images[n][c['image']]))}'><img alt='training row {c['train_row']}' "
+                        f"src='{png_data_uri(to_uint8(train_image))}'><figcaption>{e(caption)}<br>cos {c['cos']:.3f}, "
+                        f"row {c['train_row']}</figcaption></figure>")
+        pairs.append(f"<div><b>{e(n)}</b><br>{''.join(figs)}</div>")
+    threshold = next(iter(out["models"].values()))["memorization"]["threshold"]
+    return (f"<h2>Memorization: generations that copy a training image</h2><p>Features <code>"
+            f"{e(cfg.feature_model)}</code>; a copy has cosine ≥ {threshold} to its nearest image of "
+            f"<code>{e(cfg.train_data)}</code>.</p><table><tr><th>model</th><th>share of copies [95% CI]</th>"
+            f"<th>copies</th><th>mean nearest cosine [95% CI]</th></tr>{''.join(rows)}</table>"
+            f"<h3>Closest pairs (generated, then training image; red = a copy)</h3>{''.join(pairs)}")
+
+
 def write_report(out: dict, images: dict, per_image: dict, captions: list[str], cfg, path: str) -> None:
     e = html.escape
     names = list(out["models"])
@@ -132,6 +146,8 @@ def write_report(out: dict, images: dict, per_image: dict, captions: list[str], 
         parts.append("<h2>Bradley–Terry ratings</h2><table><tr><th>model</th><th>rating [95% CI]</th></tr>" + "".join(
             f"<tr><td>{e(n)}</td><td>{r:.0f} [{lo:.0f}, {hi:.0f}]</td></tr>"
             for n, r, (lo, hi) in zip(bt["models"], bt["ratings"], bt["ci95"])) + "</table>")
+    if any("memorization" in out["models"][n] for n in names):
+        parts.append(memorization_section(out, images, per_image, captions, cfg))
     plots = [f for f in (task_plot(out), win_plot(out)) if f is not None]
     plots += [distribution_plot(per_image, s) for s in scorers]
     parts.append("<h2>Plots</h2><div class='plots'>" + "".join(f"<img src='{png_data_uri(f)}'>" for f in plots) + "</div>")

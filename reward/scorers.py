@@ -4,6 +4,8 @@
 which carry their layout). A spec is "NAME" or "NAME:PATH" (a local model folder):
 
     compositional          the shapes world's reference scorer (graded; 1.0 exactly when correct)
+    compositional_strict   graded over the stricter checks of the reward-hacking audit (no extra
+                           objects, unambiguous shapes, clear positions; 1.0 exactly when strictly correct)
     other NAME[:PATH]      module `reward.NAME` with `load(path) -> score(images, prompts)`
     py:MODULE:FUNCTION     your own `score(images, prompts)` function, imported by name
 
@@ -32,7 +34,16 @@ def compositional_score(images, prompts) -> torch.Tensor:
     return torch.tensor(compositional.score(list(images), list(prompts))["graded"], dtype=torch.float32)
 
 
-SCORERS = {"compositional": compositional_score}
+def compositional_strict_score(images, prompts) -> torch.Tensor:
+    scenes = [compositional.scene_from_caption(p) if isinstance(p, str) else p for p in prompts]
+    graded = []
+    for image, scene in zip(images, scenes, strict=True):
+        results = compositional.strict_checks(scene, compositional.detect(image, compositional.WorldConfig()))
+        graded.append(sum(ok for _, ok in results) / len(results))
+    return torch.tensor(graded, dtype=torch.float32)
+
+
+SCORERS = {"compositional": compositional_score, "compositional_strict": compositional_strict_score}
 
 
 def get_scorer(spec: str):

@@ -150,3 +150,19 @@ def test_the_strict_checker_accepts_renders_and_refuses_what_the_checker_lets_pa
     two = next(s for s in scenes if s.task == "two_object")
     single = dataclasses.replace(two, task="single_object", objects=two.objects[:1])
     assert judge(render(two), single).correct and not strict_correct(render(two), single)
+
+
+def test_the_strict_reward_is_one_exactly_when_strictly_correct():
+    import torch
+
+    from reward.scorers import get_scorer
+
+    scenes = make_split("heldout_prompts", 40)
+    two = next(s for s in scenes if s.task == "two_object")
+    single = dataclasses.replace(two, task="single_object", objects=two.objects[:1])
+    images = [render(s) for s in scenes] + [render(two)]
+    batch = torch.stack([torch.as_tensor(i).float().permute(2, 0, 1) / 127.5 - 1 for i in images])
+    lenient = get_scorer("compositional")(batch, scenes + [single])
+    strict = get_scorer("compositional_strict")(batch, scenes + [single])
+    assert torch.equal(strict[:-1], torch.ones(40)) and torch.equal(lenient, torch.ones(41))
+    assert 0 < strict[-1] < 1  # the extra object fails one strict check of several

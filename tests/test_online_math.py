@@ -19,6 +19,12 @@ def test_group_advantages_by_hand_and_zero_spread_groups():
     assert torch.allclose(a[2], torch.tensor([-0.25, -0.25, -0.25, 0.75]) / std)
     with pytest.raises(ValueError):
         group_advantages(torch.ones(3, 1))
+    # the round's std instead: every reward here has population std sqrt(mean r² − mean² r)
+    g = group_advantages(r, eps=0.0, global_std=True)
+    rstd = r.std(unbiased=False)
+    assert torch.allclose(g[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / rstd)
+    assert torch.equal(g[1], torch.zeros(4))
+    assert torch.allclose(g[2], torch.tensor([-0.25, -0.25, -0.25, 0.75]) / rstd)
 
 
 def test_optimality_probability_clips_and_maps_linearly():
@@ -40,6 +46,14 @@ def test_nft_loss_by_hand():
     # d/dv: r·2·e⁺·(−t·β)/w⁺ + (1−r)·2·e⁻·(t·β)/w⁻, all over β
     expected = (0.75 * 2 * 0.25 * (-0.25) / 0.25 + 0.25 * 2 * 0.75 * 0.25 / 0.75) / 0.5
     assert v.grad.item() == pytest.approx(expected)
+    # scale = c with r = 0.5 + A/(2c): the pull is c·(2r − 1) = A whatever c (the paper code's choice)
+    a = torch.tensor([0.8])
+    grads = []
+    for c in (1.0, 5.0):
+        v = torch.full((1, 1, 1, 1), 1.0, requires_grad=True)  # at v_old: only the signal term
+        nft_loss(v, v_old, x_t, x0, t, optimality_probability(a, c), beta=0.5, scale=c)[0].backward()
+        grads.append(v.grad.item())
+    assert grads[0] == pytest.approx(grads[1]) and grads[0] != 0
 
 
 def test_nft_positive_samples_pull_toward_their_data_and_negatives_push_away():
