@@ -18,12 +18,8 @@ Settings are tuned on `val` only; the reported splits are never used to choose t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import subprocess
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -32,6 +28,7 @@ import torch
 from base_model.cli import ArgumentParser, read_yaml
 from base_model.errors import InputError, entry_point
 from base_model.outputs import write_json, write_text
+from base_model.runs import again_flags, command, command_key, run_cached
 
 
 @dataclass
@@ -67,48 +64,6 @@ def load_config(path: str, overrides: dict) -> CompareConfig:
         elif not keys <= {"module", "config", "flags"} or "module" not in keys:
             raise InputError(f"{path}: methods.{name} needs 'module' (and optionally 'config', 'flags'); got {sorted(keys)}")
     return cfg
-
-
-def _command(module: str, config: str | None, flags: dict) -> list[str]:
-    cmd = [sys.executable, "-m", module] + (["--config", config] if config else [])
-    for k, v in flags.items():
-        cmd += [f"--{k}", *(map(str, v) if isinstance(v, list) else [str(v)])]
-    return cmd
-
-
-def _again(folder: str) -> list[str]:
-    """A folder left by a killed run continues from its checkpoint; one of a finished run whose command
-    has changed (or with no checkpoint) starts again."""
-    from base_model.training import latest_checkpoint
-
-    if latest_checkpoint(folder) and not os.path.isfile(os.path.join(folder, "result.json")):
-        return ["--resume_from_checkpoint", "latest"]
-    return ["--overwrite_output_dir", "true"] if os.path.isdir(folder) and os.listdir(folder) else []
-
-
-def _key(cmd: list[str], config: str | None) -> str:
-    text = json.dumps(cmd[1:]) + (open(config).read() if config else "")
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def run_cached(cmd: list[str], config: str | None, folder: str, collect, again=None) -> dict:
-    """Run `cmd` unless `folder/result.json` records the same command; `collect()` → the result.
-    `again()` → flags added when the command runs again over an earlier attempt's output (the
-    trainers refuse a used folder without --resume_from_checkpoint or --overwrite_output_dir)."""
-    key, done = _key(cmd, config), os.path.join(folder, "result.json")
-    if os.path.isfile(done):
-        with open(done) as f:
-            result = json.load(f)
-        if result.get("key") == key:
-            return result
-    run = cmd + (again() if again else [])
-    print(f"\n[compare] {' '.join(run)}", flush=True)
-    t0 = time.time()
-    subprocess.run(run, check=True)
-    result = {"key": key, "command": cmd, "wall_s": time.time() - t0, **collect()}
-    os.makedirs(folder, exist_ok=True)
-    write_json(done, result, indent=2)
-    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,8 +154,8 @@ def main(argv=None):
 
     audit = cfg.audit_model if cfg.audit_model else None
     if audit and not os.path.isdir(audit):
-        run_cached(_command("reward.imagetext", cfg.audit_config, {"output": audit}), cfg.audit_config,
-                   audit + "-run", lambda: {})
+        cmd = command("reward.imagetext", cfg.audit_config, {"output": audit})
+        run_cached(cmd, command_key(cmd, cfg.audit_config), audit + "-run", lambda: {}, tag="compare")
 
     def judged(spec, folder, split, best_of=1):
         path = os.path.join(folder, f"judged-{split}-{cfg.n_prompts}x{k}" + (f"-bo{best_of}" if best_of > 1 else "")
@@ -220,17 +175,18 @@ def main(argv=None):
     base = {s: np.array(j["correct"]) for s, j in base_judged.items()}
     pairs_dir = os.path.join(out, "pairs")
     if any(m.get("module") == "align.dpo" for m in methods.values()):
-        cmd = _command("align.pairs", None, {**cfg.pairs, "base": cfg.base, "output": pairs_dir})
-        run_cached(cmd, None, pairs_dir + "-run", lambda: {},
-                   lambda: ["--overwrite_output_dir"] if os.path.isdir(pairs_dir) else [])
+        cmd = command("align.pairs", None, {**cfg.pairs, "base": cfg.base, "output": pairs_dir})
+        run_cached(cmd, command_key(cmd, None), pairs_dir + "-run", lambda: {},
+                   lambda: ["--overwrite_output_dir"] if os.path.isdir(pairs_dir) else [], tag="compare")
 
     def train(name, m, seed):
         folder = os.path.join(out, name, f"seed-{seed}")
         flags = {**m.get("flags", {}), "base": cfg.base, "output_dir": folder, "seed": seed}
         if m["module"] == "align.dpo":
             flags["pairs"] = pairs_dir
-        cmd = _command(m["module"], m.get("config"), flags)
-        return run_cached(cmd, m.get("config"), folder, lambda: _train_record(folder), lambda: _again(folder))
+        cmd = command(m["module"], m.get("config"), flags)
+        return run_cached(cmd, command_key(cmd, m.get("config")), folder, lambda: _train_record(folder),
+                          lambda: again_flags(folder), tag="compare")
 
     results = {"config": asdict(cfg), "base": {s: float(v.mean()) for s, v in base.items()}, "methods": {},
                "base_audit": {s: audit_summary([j]) for s, j in base_judged.items()} if audit else {}}

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from base_model.adapters import BASE_RECORD, load, weights_sha256
+from base_model.adapters import BASE_RECORD, load, require_rf, weights_sha256
 from base_model.cli import check_fields, parse
 from base_model.cache import Cache, check_conditioning, is_cache
 from base_model.flow import flow_loss
@@ -138,7 +138,7 @@ def main(cfg: DPOConfig):
     resume = check_run_folder(cfg)  # before anything is written or loaded
     # Frozen encoders load before the Accelerator (ZeRO-3 would partition them), and the text
     # encoders only when the pairs' cache is still to be built: the loop reads embeddings from it.
-    loaded = load(cfg.base, text_encoders=False)
+    loaded = require_rf(load(cfg.base, text_encoders=False))
     cond = loaded.encoders
     pcfg, cache_path = pairs_cache(cfg, cond, loaded.resolution, loaded.max_side, launched_world())
     build = pending([pcfg], cond)  # bad pairs stop here, with nothing written

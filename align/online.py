@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from tqdm.auto import tqdm
 
-from base_model.adapters import load, weights_sha256
+from base_model.adapters import load, require_rf, weights_sha256
 from base_model.cache import Cache, check_conditioning
 from base_model.cli import check_fields, check_types, parse
 from base_model.flow import DENSITIES, flow_loss, interpolate, sample_t
@@ -310,7 +310,7 @@ def main(cfg: OnlineConfig):
         raise InputError("--base CHECKPOINT (or an SD3 folder) is required")
     B, seed = cfg.per_device_train_batch_size, cfg.seed
     resume = check_run_folder(cfg)  # before anything is written or loaded
-    loaded = load(cfg.base, text_encoders=False)
+    loaded = require_rf(load(cfg.base, text_encoders=False))
     space, model, cond = loaded.space, loaded.model.train(), loaded.encoders
     pool = prompt_pool(cfg.prompts)
     grid = prompts_from("heldout_prompts" if _is_split(cfg.prompts) else cfg.prompts, cfg.num_samples)

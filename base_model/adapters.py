@@ -205,6 +205,14 @@ def load(spec: str, merge: bool = True, sample_shift: float = 1.0, text_encoders
                   None, cond["image_space"], cond)
 
 
+def require_rf(loaded: Loaded, flag: str = "--base") -> Loaded:
+    """The alignment losses are rectified flow's velocity losses: refuse a base trained as eps or v."""
+    form = loaded.model.config.formulation
+    if form != "rf":
+        raise InputError(f"{flag}: the model was trained as {form!r}; alignment trains rectified-flow (rf) models only")
+    return loaded
+
+
 def merge(spec: str, output: str, overwrite: bool = False) -> str:
     """Write base + adapter as one plain checkpoint that `MMDiT.from_pretrained` loads (atomically;
     an existing `output` is replaced only with `overwrite` and only when it is a checkpoint)."""

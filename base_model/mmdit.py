@@ -29,7 +29,11 @@ from .errors import InputError, MissingInput
 # ---------------------------------------------------------------------------------------------
 
 
-JSON_TYPES = {"int": int, "float": (int, float), "bool": bool}  # what config.json may hold per field type
+JSON_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}  # what config.json may hold per field type
+BACKBONES = ("mmdit", "dit", "crossdit", "uvit")  # base_model/backbones.py holds all but MM-DiT
+FORMULATIONS = ("rf", "eps_linear", "v_cos")  # how the output is read: base_model/formulations.py
+# Keys added after checkpoints existed: absent, they mean what every older checkpoint is.
+LATER_KEYS = {"backbone": "mmdit", "formulation": "rf"}
 
 
 @dataclass
@@ -46,13 +50,18 @@ class MMDiTConfig:
     pooled_dim: int = 384  # width of the pooled text vector
     qk_norm: bool = False  # RMSNorm on queries and keys (SD3.5; stabilises bf16 at scale)
     mlp_ratio: float = 4.0
+    backbone: str = "mmdit"  # one of BACKBONES: MM-DiT, or the paper's baselines (DiT, CrossDiT, UViT)
+    formulation: str = "rf"  # one of FORMULATIONS: what the output predicts (velocity, ε or v)
 
     def __post_init__(self):
         self.hidden = self.hidden or 64 * self.depth
         self.heads = self.heads or self.depth
         self.out_channels = self.out_channels or self.in_channels
-        if small := [f.name for f in fields(self) if f.type != "bool" and not getattr(self, f.name) > 0]:
+        if small := [f.name for f in fields(self) if f.type in ("int", "float") and not getattr(self, f.name) > 0]:
             raise ValueError(f"MMDiTConfig {small} must be positive")
+        if self.backbone not in BACKBONES or self.formulation not in FORMULATIONS:
+            raise ValueError(f"MMDiTConfig backbone {self.backbone!r} / formulation {self.formulation!r}: "
+                             f"choose from {BACKBONES} / {FORMULATIONS}")
         if self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
         if self.sample_size // self.patch_size > self.pos_embed_max_size:
@@ -66,6 +75,7 @@ class MMDiTConfig:
         """A config from a checkpoint's dict: every field present with its type (a default filled in
         here would build another model than the one saved), no unknown key."""
         names = [f.name for f in fields(cls)]
+        d = {**LATER_KEYS, **d}
         if unknown := set(d) - set(names):
             raise InputError(f"unknown MMDiTConfig keys: {sorted(unknown)}")
         if missing := [n for n in names if n not in d]:
@@ -238,12 +248,14 @@ class MMDiT(nn.Module):
         self.t_embedder = mlp(256, D, D, nn.SiLU())
         self.y_embedder = mlp(cfg.pooled_dim, D, D, nn.SiLU())
         self.context_embedder = nn.Linear(cfg.context_dim, D)
-        self.blocks = nn.ModuleList(
-            JointBlock(D, cfg.heads, cfg.qk_norm, cfg.mlp_ratio, last=i == cfg.depth - 1)
-            for i in range(cfg.depth))
+        self.blocks = self.make_blocks(cfg)
         self.final_adaLN = nn.Linear(D, 2 * D)  # shift, scale
         self.final_linear = nn.Linear(D, p * p * cfg.out_channels)
         self.initialize_weights()
+
+    def make_blocks(self, cfg: MMDiTConfig) -> nn.ModuleList:
+        return nn.ModuleList(JointBlock(cfg.hidden, cfg.heads, cfg.qk_norm, cfg.mlp_ratio, last=i == cfg.depth - 1)
+                             for i in range(cfg.depth))
 
     def initialize_weights(self):
         """DiT's initialisation: Xavier linears, zeroed modulation and output (adaLN-Zero)."""
@@ -253,8 +265,8 @@ class MMDiT(nn.Module):
                 nn.init.zeros_(m.bias)
         w = self.x_embedder.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        for mod in [b.img.adaLN for b in self.blocks] + [b.ctx.adaLN for b in self.blocks] + [
-                self.final_adaLN, self.final_linear]:
+        zeroed = [m for name, m in self.named_modules() if name.endswith("adaLN")]  # every block's modulation
+        for mod in zeroed + [self.final_linear]:
             nn.init.zeros_(mod.weight)
             nn.init.zeros_(mod.bias)
 
@@ -267,25 +279,34 @@ class MMDiT(nn.Module):
         table = self.pos_table.view(n, n, -1)[top:top + h, left:left + w]
         return table.reshape(1, h * w, -1)
 
-    def forward(self, x, t, context, pooled):
-        """x (B, C, H, W) noisy input x_t, t (B,) in [0, 1], context (B, L, context_dim),
-        pooled (B, pooled_dim) → velocity v (B, C, H, W)."""
-        B, _, H, W = x.shape
-        p = self.config.patch_size
-        h, w = H // p, W // p
+    def embed(self, x, t, context, pooled):
+        """Patches with positions (B, T, D), T = H·W / p²; context tokens (B, L, D); SiLU(c) (B, D)."""
+        h, w = x.shape[2] // self.config.patch_size, x.shape[3] // self.config.patch_size
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed(h, w).to(x.dtype)  # (B, T, D), T = h·w
         cond = self.t_embedder(timestep_embedding(t, 256).to(x.dtype)) + self.y_embedder(pooled)  # (B, D)
-        c = F.silu(cond)  # every adaLN reads SiLU(c); compute it once
-        context = self.context_embedder(context)  # (B, L, D)
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, context = checkpoint(block, x, context, c, use_reentrant=False)
-            else:
-                x, context = block(x, context, c)
+        return x, self.context_embedder(context), F.silu(cond)  # every adaLN reads SiLU(c); computed once
+
+    def unpatchify(self, x, c, H: int, W: int):
+        """Final adaLN and linear, (B, T, D) → (B, C, H, W)."""
+        p = self.config.patch_size
         shift, scale = self.final_adaLN(c)[:, None].chunk(2, dim=-1)
         x = self.final_linear(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift, scale))
-        x = x.view(B, h, w, p, p, -1)  # (B, h, w, p, p, C)
-        return torch.einsum("bhwpqc->bchpwq", x).reshape(B, -1, H, W)
+        x = x.view(len(x), H // p, W // p, p, p, -1)  # (B, h, w, p, p, C)
+        return torch.einsum("bhwpqc->bchpwq", x).reshape(len(x), -1, H, W)
+
+    def run_block(self, block, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward(self, x, t, context, pooled):
+        """x (B, C, H, W) noisy input x_t, t (B,) in [0, 1], context (B, L, context_dim),
+        pooled (B, pooled_dim) → the prediction (B, C, H, W): the velocity under rectified flow."""
+        H, W = x.shape[2:]
+        x, context, c = self.embed(x, t, context, pooled)
+        for block in self.blocks:
+            x, context = self.run_block(block, x, context, c)
+        return self.unpatchify(x, c, H, W)
 
     # -- checkpoints: config.json + model.safetensors -----------------------------------------
 
@@ -311,9 +332,11 @@ class MMDiT(nn.Module):
     def from_pretrained(cls, path: str, device="cpu") -> MMDiT:
         """Rebuild a saved model; a bad config.json or model.safetensors is an InputError naming it."""
         cfg_file, weights = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
+        from .backbones import build_model  # the baselines subclass MMDiT: imported here, not at the top
+
         if not os.path.isfile(cfg_file):
             raise MissingInput(f"{path} is not an MMDiT checkpoint: no config.json")
-        model = cls(read_config(cfg_file))
+        model = build_model(read_config(cfg_file))
         if not os.path.isfile(weights):
             raise MissingInput(f"{path} is not an MMDiT checkpoint: no model.safetensors")
         try:
@@ -349,14 +372,17 @@ def read_config(path: str) -> MMDiTConfig:
 
 
 def count_params(config: MMDiTConfig) -> int:
+    from .backbones import build_model
+
     with torch.device("meta"):  # shapes only: no memory is allocated, even for d38
-        model = MMDiT(config)
+        model = build_model(config)
     return sum(p.numel() for p in model.parameters())
 
 
 def count_flops(config: MMDiTConfig, image_size: int, context_len: int) -> int:
-    """Forward FLOPs per sample: 2·(weights touched)·(tokens) for every matmul, plus attention
-    (QKᵀ and AV: 4·T²·D per block). Backward costs about twice the forward."""
+    """Forward FLOPs per sample of an MM-DiT: 2·(weights touched)·(tokens) for every matmul, plus
+    attention (QKᵀ and AV: 4·T²·D per block). Backward costs about twice the forward.
+    (`backbones.forward_flops` counts any backbone by tracing one forward.)"""
     D, p, r = config.hidden, config.patch_size, config.mlp_ratio
     Ti, Tc = (image_size // p) ** 2, context_len
     T = Ti + Tc

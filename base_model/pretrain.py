@@ -25,10 +25,12 @@ import torch
 
 from .adapters import load
 from .cli import parse
+from .backbones import build_model
 from .cache import Cache, check_conditioning, is_cache, read_manifest
 from .dedup import read_keep_index
-from .flow import flow_loss, validation_loss
-from .mmdit import PRESETS, MMDiT, preset
+from .flow import validation_loss
+from .formulations import as_velocity, formulation_loss
+from .mmdit import BACKBONES, FORMULATIONS, PRESETS, MMDiT, preset
 from .sampling import sample
 from .precompute import pending
 from .sources import source_identity
@@ -54,12 +56,18 @@ class PretrainConfig(TrainConfig):
     num_val: int = 256  # shapes world: validation scenes (fixed set for the validation loss)
     # model and conditioning
     model_preset: str = "toy"  # MMDiT preset; context and pooled widths come from the text encoders
+    depth: int = 0  # blocks; 0 keeps the preset's (the scaling study sets depth, hidden and heads)
+    hidden: int = 0  # width; 0 keeps the preset's
+    heads: int = 0  # attention heads; 0 keeps the preset's
+    backbone: str = "mmdit"  # "mmdit", or a baseline of base_model/backbones.py: "dit", "crossdit", "uvit"
     init_from: str = ""  # continue from a checkpoint, CHECKPOINT+ADAPTER or a diffusers SD3 folder (its
     #                      text encoders and image space then replace text_encoders / image_space)
     text_encoders: list[str] = field(default_factory=lambda: ["minilm"])  # "minilm", "clip:PATH", "t5:PATH"
     image_space: str = "pixels"  # "pixels", or "vae:PATH" for a local diffusers AutoencoderKL folder
     text_drop_prob: float = 0.464  # each encoder dropped independently (SD3's value for 3 encoders)
     ema_decay: float = 0.998  # 0 disables EMA
+    # objective (with --init_from, the checkpoint's backbone and formulation)
+    formulation: str = "rf"  # "rf" (velocity), "eps_linear" or "v_cos": base_model/formulations.py
     # TrainConfig's fields with pretraining's defaults
     warmup_steps: int = 100
     max_steps: int = 2000
@@ -70,6 +78,11 @@ class PretrainConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.backbone not in BACKBONES or self.formulation not in FORMULATIONS:
+            raise ValueError(f"--backbone {self.backbone!r} / --formulation {self.formulation!r}: choose from "
+                             f"{BACKBONES} / {FORMULATIONS}")
+        if min(self.depth, self.hidden, self.heads) < 0:
+            raise ValueError("--depth, --hidden and --heads must be ≥ 0 (0: the preset's)")
         if self.model_preset not in PRESETS:
             raise ValueError(f"--model_preset {self.model_preset!r}: choose from {sorted(PRESETS)}")
         if self.resolution < 1:
@@ -201,10 +214,10 @@ def main(cfg: PretrainConfig):
     build_caches(accelerator, build, text, space, cond)
     text = None  # the loop reads embeddings from the cache
     train, buckets, enc = open_data(caches, cfg, cond, kept_rows)
-    model = init.model.train().requires_grad_(True) if init is not None else new_model(cfg.model_preset, train,
-                                                                                          buckets, cfg.resolution)
+    model = init.model.train().requires_grad_(True) if init is not None else new_model(cfg, train, buckets)
+    form = model.config.formulation
     ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
-    accelerator.print(f"MMDiT {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+    accelerator.print(f"{model.config.backbone} ({form}) {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                       f"{sum(map(len, buckets.values()))} training images in {len(buckets)} bucket(s), "
                       f"{train.manifest['text']['count']} distinct captions, {world} process(es)")
     model, optimizer, scheduler = prepare(accelerator, cfg, model, model.parameters())
@@ -227,7 +240,7 @@ def main(cfg: PretrainConfig):
             context, pooled = zero_parts(batch["context"], batch["pooled"], layout, drop, uncond)
             x0, noise, t, context, pooled = (v.to(accelerator.device) for v in (batch["x"], noise, t, context, pooled))
             with accelerator.accumulate(model):
-                loss = flow_loss(model, x0, noise, t, context, pooled).mean()
+                loss = formulation_loss(form, model, x0, noise, t, context, pooled).mean()
                 accelerator.backward(loss)
                 clip_and_step(accelerator, model, optimizer, cfg.max_grad_norm)
             add_metrics(sums, {"loss": loss.detach()}, accum)
@@ -241,7 +254,7 @@ def main(cfg: PretrainConfig):
             history, t0 = [], time.time()
         if due(done, cfg.eval_steps, cfg.max_steps):
             space = space or image_space(cond[1])  # the decoder, for the grid only
-            evaluate(model, ema, enc, cfg, accelerator, done, space, uncond)
+            evaluate(model, form, ema, enc, cfg, accelerator, done, space, uncond)
         if due(done, cfg.save_steps, cfg.max_steps):
             write_ema = None if ema is None else (lambda d: ema.save_pretrained(os.path.join(d, "ema")))
             last_ckpt = save_checkpoint(accelerator, cfg.output_dir, done, cfg.save_total_limit, {"step": done},
@@ -253,21 +266,24 @@ def main(cfg: PretrainConfig):
     accelerator.end_training()
 
 
-def new_model(preset_name: str, train: Cache, buckets: dict, resolution: int) -> MMDiT:
-    """A fresh MMDiT for the cache's image space and text widths, its position table covering the
-    widest bucket."""
-    mcfg = preset(preset_name, in_channels=train.channels, context_dim=train.manifest["text"]["context_dim"],
-                  pooled_dim=train.manifest["text"]["pooled_dim"], sample_size=resolution // train.downsample)
+def new_model(cfg: PretrainConfig, train: Cache, buckets: dict):
+    """A fresh model of `cfg`'s preset, backbone and formulation (--depth/--hidden/--heads override the
+    preset) for the cache's image space and text widths, its position table covering the widest bucket."""
+    sizes = {k: v for k in ("depth", "hidden", "heads") if (v := getattr(cfg, k))}
+    mcfg = preset(cfg.model_preset, in_channels=train.channels, context_dim=train.manifest["text"]["context_dim"],
+                  pooled_dim=train.manifest["text"]["pooled_dim"], sample_size=cfg.resolution // train.downsample,
+                  backbone=cfg.backbone, formulation=cfg.formulation, **sizes)
     widest = max(max(train.shape(b)[1:]) for b in buckets)
     mcfg.pos_embed_max_size = max(mcfg.pos_embed_max_size, widest // mcfg.patch_size)
-    return MMDiT(mcfg)
+    return build_model(mcfg)
 
 
-def evaluate(model, ema, enc, cfg, accelerator, step, vae, uncond=None):
-    """Validation loss at 8 t levels (fixed set and noise) and a grid from the EMA weights."""
+def evaluate(model, form, ema, enc, cfg, accelerator, step, vae, uncond=None):
+    """Validation loss at 8 t levels (fixed set and noise) and a grid from the EMA weights. The loss is
+    the rf velocity loss whatever the formulation (`formulations.as_velocity`): one scale for all."""
     model.eval()
     dev = accelerator.device
-    val = validation_loss(lambda x, t, c, p: model(x, t, c, p), enc["x_val"].to(dev),
+    val = validation_loss(as_velocity(lambda x, t, c, p: model(x, t, c, p), form), enc["x_val"].to(dev),
                           (enc["context"].to(dev), enc["pooled"].to(dev)), seed=cfg.seed)
     accelerator.log({"val/loss": val["loss"], **{f"val/loss_t{i}": v for i, v in enumerate(val["loss_t"])}},
                     step=step)

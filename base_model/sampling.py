@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .flow import shift_t
+from .formulations import as_velocity, ddim_times, start_state
 
 
 def euler_times(steps: int, shift: float = 1.0, t_min: float = 1e-3) -> torch.Tensor:
@@ -19,6 +20,16 @@ def euler_times(steps: int, shift: float = 1.0, t_min: float = 1e-3) -> torch.Te
     t = shift_t(torch.linspace(1.0, float(shift_t(torch.tensor(t_min, dtype=torch.float64), shift)), steps,
                                dtype=torch.float64), shift)
     return torch.cat([t, t.new_zeros(1)]).float()
+
+
+def sampling_times(formulation: str, steps: int, shift: float = 1.0) -> torch.Tensor:
+    """rf: `euler_times`; eps_linear and v_cos: DDIM's grid as rf times (`formulations.ddim_times`),
+    on which one Euler step is one DDIM step. The shift is rf's."""
+    if formulation == "rf":
+        return euler_times(steps, shift)
+    if shift != 1.0:
+        raise ValueError(f"--shift {shift}: the resolution shift is rf's; {formulation} samples on DDIM's grid")
+    return ddim_times(formulation, steps)
 
 
 SOLVERS = ("euler", "midpoint")
@@ -76,14 +87,22 @@ def noise_from_seeds(seeds, shape: tuple, device="cpu", dtype=torch.float32) -> 
                         for s in seeds]).to(device, dtype)
 
 
+def formulation_of(model) -> str:
+    """The formulation a model was trained in (its config; "rf" for a model without one)."""
+    return getattr(getattr(model, "config", None), "formulation", "rf")
+
+
 @torch.no_grad()
 def sample(model, context: torch.Tensor, pooled: torch.Tensor, seeds, image_shape: tuple,
            steps: int = 28, shift: float = 1.0, guidance: float = 1.0, uncond: tuple | None = None,
            batch_size: int = 64, progress: bool = True, solver: str = "euler") -> torch.Tensor:
     """Generate one image per (context, pooled, seed) row, in batches (CFG: `guided_velocity`).
+    A model trained as eps_linear or v_cos (its config says) samples as an rf velocity field on
+    DDIM's grid (`base_model/formulations.py`): Euler is then DDIM, at the same number of calls.
     Returns x0 (N, C, H, W) in the model's space (pixels in [-1, 1], or latents)."""
     device = next(model.parameters()).device
-    times = euler_times(steps, shift)
+    form = formulation_of(model)
+    times = sampling_times(form, steps, shift)
     # inference_mode is ~5% faster than no_grad, but ZeRO-3 would gather its partitioned parameters
     # into inference tensors that training can no longer use
     zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
@@ -91,8 +110,8 @@ def sample(model, context: torch.Tensor, pooled: torch.Tensor, seeds, image_shap
     for i in tqdm(range(0, len(seeds), batch_size), disable=not progress, desc="sampling"):
         sl = slice(i, i + batch_size)
         cond = (context[sl].to(device), pooled[sl].to(device))
-        x = noise_from_seeds(seeds[sl], image_shape, device)
-        v = guided_velocity(model, cond, guidance, uncond)
+        x = start_state(form, noise_from_seeds(seeds[sl], image_shape, device), times[0])
+        v = guided_velocity(as_velocity(model, form), cond, guidance, uncond)
         with torch.no_grad() if zero3 else torch.inference_mode():  # the cat below makes a normal tensor
             out.append(solve(v, x, times, solver).cpu())
     return torch.cat(out)

@@ -28,6 +28,7 @@ from base_model.outputs import check_output_dir
 from base_model.data import shapes_data, to_model_space
 from base_model.features import copy_threshold
 from base_model.flow import validation_loss
+from base_model.formulations import as_velocity
 from base_model.sampling import GUIDANCE, SOLVER, STEPS, add_sampler_args
 from base_model.shapes import SPLIT_OFFSETS, TASKS, make_split
 
@@ -93,7 +94,8 @@ def generate(spec: str, captions: list[str], cfg: EvalConfig):
     val = None
     if cfg.val_images and gen.image_space == "pixels":
         data, _ = shapes_data("val", cfg.val_images, gen.model.config.sample_size)
-        val = validation_loss(gen.model, to_model_space(data.images), gen.text.encode(data.captions), seed=cfg.seed)
+        velocity = as_velocity(gen.model, gen.model.config.formulation)  # rf velocity loss for every formulation
+        val = validation_loss(velocity, to_model_space(data.images), gen.text.encode(data.captions), seed=cfg.seed)
     return images, val
 
 

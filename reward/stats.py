@@ -169,3 +169,71 @@ def krippendorff_alpha_nominal(ratings) -> float:
     observed = ((m**2 - (counts**2).sum(1)) / (m - 1)).sum()
     expected = (n**2 - (n_c**2).sum()) / (n - 1)  # the same count for pairs drawn from all values
     return float(1 - observed / expected) if expected > 0 else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's studies (arXiv 2403.03206, section 5): ranking by non-dominated sorting, scaling fits
+# ---------------------------------------------------------------------------------------------
+
+
+def pareto_ranks(points, maximize) -> np.ndarray:
+    """Non-dominated sorting: rank 1 for the points no other point dominates, rank 2 once those are
+    removed, and so on. `points` (n, m); `maximize[j]` says whether metric j is better larger.
+    A dominates B when it is at least as good on every metric and better on one."""
+    p = np.asarray(points, dtype=np.float64) * np.where(maximize, 1.0, -1.0)  # every metric: larger is better
+    ge = (p[:, None, :] >= p[None, :, :]).all(-1)
+    gt = (p[:, None, :] > p[None, :, :]).any(-1)
+    dominates = ge & gt  # [i, j]: i dominates j
+    ranks, left, front = np.zeros(len(p), dtype=int), np.ones(len(p), dtype=bool), 1
+    while left.any():
+        top = left & ~dominates[left].any(0)  # not dominated by any point still left
+        ranks[top] = front
+        left &= ~top
+        front += 1
+    return ranks
+
+
+def mean_pareto_rank(score, fd) -> np.ndarray:
+    """The paper's ranking of variants: per setting (sampling steps, CFG scale) rank them by
+    non-dominated sorting over (score ↑, FD ↓), then average each variant's rank over the settings.
+    score, fd: (variants, settings) → (variants,)."""
+    score, fd = np.asarray(score, dtype=np.float64), np.asarray(fd, dtype=np.float64)
+    ranks = [pareto_ranks(np.stack([score[:, s], fd[:, s]], 1), [True, False]) for s in range(score.shape[1])]
+    return np.mean(ranks, axis=0)
+
+
+def mean_rank_ci(score, fd, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """`mean_pareto_rank` of the seed means, with bootstrap intervals that resample each variant's
+    seeds. score, fd: (variants, seeds, settings) → {"mean_rank": [...], "ci95": [[lo, hi], ...]}."""
+    score, fd = np.asarray(score, dtype=np.float64), np.asarray(fd, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    n_var, n_seed = score.shape[:2]
+    boots = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n_seed, (n_var, n_seed))  # seeds drawn per variant
+        pick = lambda a: np.take_along_axis(a, idx[:, :, None], 1).mean(1)  # noqa: E731
+        boots.append(mean_pareto_rank(pick(score), pick(fd)))
+    lo, hi = _interval(boots, level)
+    return {"mean_rank": mean_pareto_rank(score.mean(1), fd.mean(1)).tolist(), "ci95": np.stack([lo, hi], 1).tolist()}
+
+
+def power_law_fit(x, y) -> dict:
+    """y = c·x^b by least squares on log y against log x: {"c", "exponent": b, "r2"} (R² of the
+    log-log fit), e.g. validation loss against training FLOPs."""
+    lx, ly = np.log(np.asarray(x, dtype=np.float64)), np.log(np.asarray(y, dtype=np.float64))
+    b, log_c = np.polyfit(lx, ly, 1)
+    residual = ly - (log_c + b * lx)
+    r2 = 1 - (residual ** 2).sum() / ((ly - ly.mean()) ** 2).sum()
+    return {"c": float(np.exp(log_c)), "exponent": float(b), "r2": float(r2)}
+
+
+def pearson_ci(x, y, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+    """Pearson's r with a percentile bootstrap interval over the (x, y) pairs: {"r", "ci95", "n"}."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    r = lambda idx: np.corrcoef(x[idx], y[idx])[0, 1]  # noqa: E731
+    rng = np.random.default_rng(seed)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boots = [r(idx) for idx in _resamples(len(x), None, n_boot, rng)]
+    boots = [b for b in boots if np.isfinite(b)]  # a resample of one repeated pair has no r
+    lo, hi = _interval(boots, level) if boots else (np.nan, np.nan)  # constant x or y: r undefined
+    return {"r": float(r(np.arange(len(x)))), "ci95": [float(lo), float(hi)], "n": len(x)}

@@ -154,7 +154,7 @@ def test_run_writes_final_and_nan_stops_with_step(tmp_path, monkeypatch):
     pretrain.main(parse(PretrainConfig, SMALL + ["--max_steps", "2", "--ema_decay", "0", "--output_dir", str(out / "no_ema")]))
     assert sorted(os.listdir(out / "no_ema" / "final")) == ["conditioning.json", "config.json", "model.safetensors"]
 
-    real = pretrain.flow_loss
+    real = pretrain.formulation_loss
     calls = {"n": 0}
 
     def nan_on_third_step(*a):
@@ -162,7 +162,7 @@ def test_run_writes_final_and_nan_stops_with_step(tmp_path, monkeypatch):
         loss = real(*a)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(pretrain, "flow_loss", nan_on_third_step)
+    monkeypatch.setattr(pretrain, "formulation_loss", nan_on_third_step)
     with pytest.raises(FloatingPointError, match="at step 3.*checkpoint-2"):
         pretrain.main(parse(PretrainConfig, SMALL + ["--max_steps", "5", "--save_steps", "2",
                                                      "--output_dir", str(tmp_path / "nan")]))
