@@ -94,6 +94,7 @@ class OnlineConfig:
     adv_clip_max: float = 1.0  # advantages clipped to ±this before mapping to r ∈ [0, 1]
     nft_loss_scale: str = "one"  # "one" or "clip": the loss × adv_clip_max (DiffusionNFT's code)
     global_std: bool = False  # advantages divided by the round's reward std, not each group's
+    nft_kl: float = 0.0  # weight of mean ‖v_θ − v_base‖², DiffusionNFT's KL to the reference (0: off)
     old_decay: float = 0.0  # old ← decay·old + (1 − decay)·policy after each round
     # Flow-GRPO
     grpo_steps: int = 10  # Euler SDE steps of the training rollouts
@@ -295,7 +296,15 @@ def step_loss(model, peft_model, cfg: OnlineConfig, buf: dict, idx: torch.Tensor
     with torch.no_grad(), adapter(peft_model, OLD):
         v_old = model(x_t, t, c, p)
     scale = cfg.adv_clip_max if cfg.nft_loss_scale == "clip" else 1.0
-    return nft_loss(model(x_t, t, c, p), v_old, x_t, x0, t, buf["r"][idx], cfg.nft_beta, scale)
+    v = model(x_t, t, c, p)
+    loss, metrics = nft_loss(v, v_old, x_t, x0, t, buf["r"][idx], cfg.nft_beta, scale)
+    if cfg.nft_kl > 0:  # the Gaussian KL between policy and base steps, up to a constant factor
+        with torch.no_grad(), adapter(peft_model, None):
+            v_base = model(x_t, t, c, p)
+        kl = (v - v_base).pow(2).mean()
+        loss = loss + cfg.nft_kl * kl
+        metrics = {**metrics, "loss": loss.detach(), "nft/kl": kl.detach()}
+    return loss, metrics
 
 
 # ---------------------------------------------------------------------------------------------

@@ -93,6 +93,12 @@ def test_online_dpo_starts_at_log2_and_a_refreshed_reference_starts_there_again(
     assert moving[2]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)  # reference = the policy after step 1
 
 
+def test_nft_kl_to_the_base_is_zero_on_the_first_step(base, tmp_path):
+    log = logged(run(base, tmp_path / "kl", "--method", "nft", "--steps_per_round", "1", "--nft_kl", "1.0"))
+    assert log[1]["train/nft/kl"] == 0.0  # a zero LoRA is the base
+    assert log[2]["train/nft/kl"] > 0
+
+
 def test_grpo_on_policy_ratio_is_exactly_one(base, tmp_path):
     log = logged(run(base, tmp_path / "grpo", "--method", "grpo", "--steps_per_round", "1", "--kl_beta", "0.04"))
     for r in (1, 2):  # every round's first step is purely on-policy
