@@ -4,7 +4,8 @@
     python -m base_model.sample --checkpoint runs/toy/final            # 16 held-out shapes prompts
     python -m base_model.sample --checkpoint runs/real/final --height 384 --width 640   # an aspect bucket
 
-The checkpoint's `conditioning.json` (written by pretraining) names its text encoders. Writes
+The checkpoint's `conditioning.json` (written by pretraining) names its text encoders; an adapter
+(CHECKPOINT+ADAPTER) or an SD3 folder loads through the same `adapters.load`. Writes
 `output_dir/grid.png` (one image per prompt, seed = index) and prints where it is.
 """
 
@@ -13,9 +14,8 @@ import json
 import os
 
 from .cli import ArgumentParser
-from .errors import InputError, entry_point
-from .mmdit import MMDiT
-from .sampling import add_sampler_args, sample
+from .errors import entry_point
+from .sampling import add_sampler_args
 from .shapes import make_split, save_grid
 
 
@@ -30,32 +30,23 @@ def load_conditioning(checkpoint: str) -> dict:
 
 @entry_point
 def main(argv=None):
-    from .text import TextEmbedder
-    from .vae import image_space
+    from .adapters import load
 
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="a folder with config.json + model.safetensors")
+    ap.add_argument("--checkpoint", required=True, help="a checkpoint folder, CHECKPOINT+ADAPTER or an SD3 folder")
     ap.add_argument("--prompts", nargs="*", default=None)
     ap.add_argument("--output_dir", default="runs/samples")
     add_sampler_args(ap)
-    ap.add_argument("--shift", type=float, default=1.0)
+    ap.add_argument("--shift", type=float, default=None, help="sampling shift (default: 1 for ours, an SD3 "
+                                                              "folder's scheduler's)")
     ap.add_argument("--height", type=int, default=0, help="pixels; 0: the model's training resolution")
     ap.add_argument("--width", type=int, default=0, help="pixels; 0: the model's training resolution")
     args = ap.parse_args(argv)
 
-    model = MMDiT.from_pretrained(args.checkpoint).eval()
-    cond = load_conditioning(args.checkpoint)
+    loaded = load(args.checkpoint)  # the one load-and-sample path (adapters.load → Loaded.generate)
     prompts = args.prompts or [s.caption for s in make_split("heldout_prompts", 16)]
-    context, pooled = TextEmbedder(cond["text_encoders"]).encode(prompts)
-    cfg, space = model.config, image_space(cond["image_space"])
-    step = space.downsample * cfg.patch_size  # a side must be a whole number of patches
-    h, w = ((args.height or cfg.sample_size * space.downsample) // space.downsample,
-            (args.width or cfg.sample_size * space.downsample) // space.downsample)
-    if (args.height or 0) % step or (args.width or 0) % step:
-        raise InputError(f"--height/--width must be multiples of {step} px (patch × the image space's downsampling)")
-    z = sample(model, context, pooled, list(range(len(prompts))), (cfg.in_channels, h, w),
-               steps=args.steps, shift=args.shift, guidance=args.guidance, solver=args.solver)
-    images = space.decode(z).clamp(-1, 1)
+    images = loaded.generate(prompts, range(len(prompts)), steps=args.steps, guidance=args.guidance,
+                             shift=args.shift, solver=args.solver, height=args.height, width=args.width)
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "grid.png")
     save_grid(images, path, nrow=8)

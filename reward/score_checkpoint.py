@@ -2,7 +2,8 @@
 
     python -m reward.score_checkpoint --checkpoint runs/toy/final --split heldout_prompts --n 600
 
-Samples one image per scene (seed = the scene's seed) with the checkpoint's own text encoders,
+Samples one image per scene (seed = the scene's seed) with the checkpoint's own text encoders
+(through `adapters.load`, so CHECKPOINT+ADAPTER works too),
 judges each with `reward.compositional`, prints a table and writes `scores.json` and a grid beside
 the checkpoint (or in --output_dir).
 """
@@ -18,11 +19,9 @@ import torch
 
 from base_model.cli import ArgumentParser
 from base_model.errors import InputError, entry_point
-from base_model.mmdit import MMDiT
-from base_model.sample import load_conditioning
-from base_model.sampling import add_sampler_args, sample
+from base_model.adapters import load
+from base_model.sampling import add_sampler_args
 from base_model.shapes import TASKS, make_split, save_grid
-from base_model.text import TextEmbedder
 
 from .compositional import score
 
@@ -43,19 +42,17 @@ def main(argv=None):
     ap.add_argument("--split", default="heldout_prompts")
     ap.add_argument("--n", type=int, default=600)
     add_sampler_args(ap)
-    ap.add_argument("--shift", type=float, default=1.0, help="sampling shift of the Euler schedule")
+    ap.add_argument("--shift", type=float, default=None, help="sampling shift (default: 1 for ours, an SD3 "
+                                                              "folder's scheduler's)")
     ap.add_argument("--output_dir", default="")
     args = ap.parse_args(argv)
 
-    model = MMDiT.from_pretrained(args.checkpoint).eval()
-    cond = load_conditioning(args.checkpoint)
-    if cond["image_space"] != "pixels":
+    loaded = load(args.checkpoint)  # a checkpoint, CHECKPOINT+ADAPTER or an SD3 folder
+    if loaded.space.downsample != 1:
         raise InputError("--checkpoint: the compositional scorer judges pixel-space shapes-world models")
     scenes = make_split(args.split, args.n)
-    context, pooled = TextEmbedder(cond["text_encoders"]).encode([s.caption for s in scenes])
-    side = model.config.sample_size
-    images = sample(model, context, pooled, [s.seed for s in scenes], (model.config.in_channels, side, side),
-                    steps=args.steps, shift=args.shift, guidance=args.guidance, solver=args.solver).clamp(-1, 1)
+    images = loaded.generate([s.caption for s in scenes], [s.seed for s in scenes], steps=args.steps,
+                             guidance=args.guidance, shift=args.shift, solver=args.solver)
     result = score(list(images), scenes)
     correct = torch.tensor(result["correct"])
     rows = {}
@@ -63,7 +60,8 @@ def main(argv=None):
         sel = torch.tensor([s.task == task for s in scenes])
         k, n = int(correct[sel].sum()), int(sel.sum())
         rows[task] = {"accuracy": k / max(n, 1), "ci95": wilson(k, n), "n": n}
-    out = {"checkpoint": args.checkpoint, "split": args.split, "n": args.n, "solver": args.solver, "steps": args.steps, "shift": args.shift,
+    out = {"checkpoint": args.checkpoint, "split": args.split, "n": args.n, "solver": args.solver, "steps": args.steps,
+           "shift": loaded.shift if args.shift is None else args.shift,
            "guidance": args.guidance, "overall": result["overall"], "tasks": rows,
            "graded_mean": float(torch.tensor(result["graded"]).mean())}
     out_dir = args.output_dir or args.checkpoint
