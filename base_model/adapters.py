@@ -174,12 +174,20 @@ class Loaded:
         return self.space.decode(z).clamp(-1, 1)
 
 
+def load_conditioning(checkpoint: str) -> dict:
+    """Text encoders and image space a checkpoint was trained with (pretraining's defaults if absent)."""
+    path = os.path.join(checkpoint, "conditioning.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {"text_encoders": ["minilm"], "image_space": "pixels"}
+
+
 def load(spec: str, merge: bool = True, sample_shift: float = 1.0, text_encoders: bool = True) -> Loaded:
     """Model + text encoders + image space of a spec (checkpoint, +adapter, or SD3 folder).
     Checkpoints of ours sample with `sample_shift`; SD3 folders with their scheduler's shift.
     `text_encoders=False`: a checkpoint of ours comes without them (text None), for a trainer that
     reads its embeddings from a cache."""
-    from .sample import load_conditioning
     from .text import TextEmbedder
     from .vae import image_space
 

@@ -10,22 +10,12 @@ The checkpoint's `conditioning.json` (written by pretraining) names its text enc
 """
 
 import argparse
-import json
 import os
 
 from .cli import ArgumentParser
 from .errors import entry_point
 from .sampling import add_sampler_args
 from .shapes import make_split, save_grid
-
-
-def load_conditioning(checkpoint: str) -> dict:
-    """Text encoders and image space a checkpoint was trained with (pretraining's defaults if absent)."""
-    path = os.path.join(checkpoint, "conditioning.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    return {"text_encoders": ["minilm"], "image_space": "pixels"}
 
 
 @entry_point

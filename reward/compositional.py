@@ -166,8 +166,14 @@ def strict_checks(scene: Scene, detections: list[Detection]) -> list[tuple[str, 
     return results
 
 
+def strict_graded(image, scene: Scene, world: WorldConfig = WorldConfig()) -> float:
+    """The share of `strict_checks` an image passes: 1.0 exactly when it is strictly correct."""
+    results = strict_checks(scene, detect(image, world))
+    return sum(ok for _, ok in results) / len(results)
+
+
 def strict_correct(image, scene: Scene, world: WorldConfig = WorldConfig()) -> bool:
-    return all(ok for _, ok in strict_checks(scene, detect(image, world)))
+    return strict_graded(image, scene, world) == 1.0
 
 
 def score(images, scenes: list[Scene | str], world: WorldConfig = WorldConfig()) -> dict:

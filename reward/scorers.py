@@ -36,11 +36,8 @@ def compositional_score(images, prompts) -> torch.Tensor:
 
 def compositional_strict_score(images, prompts) -> torch.Tensor:
     scenes = [compositional.scene_from_caption(p) if isinstance(p, str) else p for p in prompts]
-    graded = []
-    for image, scene in zip(images, scenes, strict=True):
-        results = compositional.strict_checks(scene, compositional.detect(image, compositional.WorldConfig()))
-        graded.append(sum(ok for _, ok in results) / len(results))
-    return torch.tensor(graded, dtype=torch.float32)
+    return torch.tensor([compositional.strict_graded(i, s) for i, s in zip(images, scenes, strict=True)],
+                        dtype=torch.float32)
 
 
 SCORERS = {"compositional": compositional_score, "compositional_strict": compositional_strict_score}
