@@ -256,7 +256,9 @@ def table_lines(study: dict) -> list[str]:
                      f"{s['accuracy']['mean']:9.1%} {fd} {r:>20s}")
     if "scaling" in study:
         f = study["scaling"]["fit"]
-        lines.append(f"scaling: val loss = {f['c']:.3g}·FLOPs^{f['exponent']:.4f}, R² {f['r2']:.3f}")
+        ci = f.get("exponent_ci95", [float("nan")] * 2)
+        lines.append(f"scaling: val loss = {f['c']:.3g}·FLOPs^{f['exponent']:.4f} (exponent 95% CI [{ci[0]:.4f}, "
+                     f"{ci[1]:.4f}]), R² {f['r2']:.3f}")
     for k, v in study["correlation"].items():
         if k != "setting" and v:
             lines.append(f"Pearson r ({k}): {v['r']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}], n={v['n']}")

@@ -217,14 +217,19 @@ def mean_rank_ci(score, fd, n_boot: int = 1000, level: float = 0.95, seed: int =
     return {"mean_rank": mean_pareto_rank(score.mean(1), fd.mean(1)).tolist(), "ci95": np.stack([lo, hi], 1).tolist()}
 
 
-def power_law_fit(x, y) -> dict:
+def power_law_fit(x, y, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
     """y = c·x^b by least squares on log y against log x: {"c", "exponent": b, "r2"} (R² of the
-    log-log fit), e.g. validation loss against training FLOPs."""
+    log-log fit), e.g. validation loss against training FLOPs, and "exponent_ci95", a percentile
+    bootstrap interval of b over the (x, y) points (resamples with a single x value are skipped)."""
     lx, ly = np.log(np.asarray(x, dtype=np.float64)), np.log(np.asarray(y, dtype=np.float64))
     b, log_c = np.polyfit(lx, ly, 1)
     residual = ly - (log_c + b * lx)
     r2 = 1 - (residual ** 2).sum() / ((ly - ly.mean()) ** 2).sum()
-    return {"c": float(np.exp(log_c)), "exponent": float(b), "r2": float(r2)}
+    rng = np.random.default_rng(seed)
+    boots = [np.polyfit(lx[idx], ly[idx], 1)[0] for idx in _resamples(len(lx), None, n_boot, rng)
+             if np.ptp(lx[idx]) > 0]
+    lo, hi = _interval(boots, level)
+    return {"c": float(np.exp(log_c)), "exponent": float(b), "r2": float(r2), "exponent_ci95": [float(lo), float(hi)]}
 
 
 def pearson_ci(x, y, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:

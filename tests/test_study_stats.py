@@ -26,6 +26,9 @@ def test_mean_rank_over_settings_by_hand():
 def test_power_law_and_pearson_by_hand():
     fit = power_law_fit([1, 10, 100, 1000], [2.0, 2.0 * 10 ** -0.5, 0.2, 2.0 * 10 ** -1.5])
     assert fit["exponent"] == pytest.approx(-0.5) and fit["c"] == pytest.approx(2.0) and fit["r2"] == pytest.approx(1.0)
+    assert fit["exponent_ci95"] == pytest.approx([-0.5, -0.5])  # every resample lies on the same line
+    noisy = power_law_fit([1, 10, 100, 1000], [2.0, 0.5, 0.3, 0.05], n_boot=500)
+    assert noisy["exponent_ci95"][0] < noisy["exponent"] < noisy["exponent_ci95"][1]
     # r = Σdxdy / sqrt(Σdx²·Σdy²) = 3.5 / sqrt(5 · 4.75)
     out = pearson_ci([1, 2, 3, 4], [2, 4, 5, 4], n_boot=500)
     assert out["r"] == pytest.approx(3.5 / np.sqrt(5 * 4.75)) and out["n"] == 4
