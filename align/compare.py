@@ -47,6 +47,14 @@ class CompareConfig:
     audit_config: str = "configs/reward/imagetext.yaml"  # how to train it when the folder is missing
     diversity_floor: float = 0.5  # flag a method whose diversity falls below this × the base's
     fd_ceiling: float = 2.0  # flag a method whose FD to real renders grows past this × the base's
+    # memorization audit (reward.memorization) on the first split: the nearest pretraining image of each
+    # generation by copy-detection features. The reference is fresh renders of the same scenes: a method is
+    # flagged when more of its images are copies than of the renders, i.e. beyond the data's own repeats
+    train_data: str = "shapes"  # what the base was pretrained on ("" skips the audit): reward.eval --train_data
+    train_num_images: int = 20_000  # the base's --num_train for the shapes world
+    feature_model: str = "thumbnail"  # base_model.features; its default copy threshold applies
+    feature_resolution: int = 32
+    copy_margin: float = 0.05  # flag a share of copies above the renders' share + this
 
 
 def load_config(path: str, overrides: dict) -> CompareConfig:
@@ -61,8 +69,9 @@ def load_config(path: str, overrides: dict) -> CompareConfig:
         if "best_of_n" in m:
             if m["best_of_n"] not in cfg.methods:
                 raise InputError(f"{path}: methods.{name}.best_of_n names {m['best_of_n']!r}, not a method")
-        elif not keys <= {"module", "config", "flags"} or "module" not in keys:
-            raise InputError(f"{path}: methods.{name} needs 'module' (and optionally 'config', 'flags'); got {sorted(keys)}")
+        elif not keys <= {"module", "config", "flags", "guidance"} or "module" not in keys:
+            raise InputError(f"{path}: methods.{name} needs 'module' (and optionally 'config', 'flags', 'guidance'); "
+                             f"got {sorted(keys)}")
     return cfg
 
 
@@ -72,15 +81,17 @@ def load_config(path: str, overrides: dict) -> CompareConfig:
 
 
 def judge(spec: str, split: str, n_prompts: int, k: int, best_of: int = 1, reward: str = "compositional",
-          audit_model: str | None = None) -> dict:
-    """Per-image correctness (n·k,) and task of `spec` on `split`. With `best_of` N > 1, each image
+          audit_model: str | None = None, train_set=None, guidance: float | None = None) -> dict:
+    """Per-image correctness (n·k,) and task of `spec` on `split`, sampled with the shared sampler
+    defaults (`guidance`: another CFG scale, for a model trained to be sampled so). With `best_of` N > 1, each image
     is the one of N candidates (seeds (i·k + j)·N + n + 10⁹) that `reward` scores highest. With an
     `audit_model` (reward.imagetext folder): the proxy score (100·cos) of each image, the diversity
     of each prompt's k images (mean pairwise 1 − cos of their image features) and the Fréchet
-    distance of all images to renders of the same scenes."""
+    distance of all images to renders of the same scenes. With a `train_set`
+    (reward.memorization.TrainingSet): each image's cosine to its nearest training image ("copy_cos")."""
     from base_model.adapters import load
     from base_model.sampling import GUIDANCE, SOLVER, STEPS
-    from base_model.shapes import make_split, render
+    from base_model.shapes import make_split
     from reward import compositional
     from reward.scorers import get_scorer
 
@@ -90,7 +101,8 @@ def judge(spec: str, split: str, n_prompts: int, k: int, best_of: int = 1, rewar
     rep = torch.arange(len(scenes)).repeat_interleave(k * best_of)
     seeds = list(range(len(scenes) * k)) if best_of == 1 else \
         [10 ** 9 + i * best_of + n for i in range(len(scenes) * k) for n in range(best_of)]
-    images = gen.generate(None, seeds, STEPS, GUIDANCE, batch_size=256, context=(context[rep], pooled[rep]),
+    images = gen.generate(None, seeds, STEPS, GUIDANCE if guidance is None else guidance, batch_size=256,
+                          context=(context[rep], pooled[rep]),
                           solver=SOLVER, progress=False)
     targets = [scenes[i] for i in rep.tolist()]
     if best_of > 1:
@@ -109,11 +121,20 @@ def judge(spec: str, split: str, n_prompts: int, k: int, best_of: int = 1, rewar
         feats = scorer.embed_images(images).view(len(scenes), k, -1)
         cos = feats @ feats.transpose(1, 2)  # (P, k, k) of unit vectors
         off = ~torch.eye(k, dtype=torch.bool)
-        real = torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).contiguous()
+        real = renders(scenes)
         out["proxy"] = scorer(images, [s.caption for s in targets]).tolist()
         out["diversity"] = (1 - cos[:, off]).mean(1).tolist()
         out["fd"] = frechet_distance(real, images, scorer.model)
+    if train_set is not None:
+        out["copy_cos"] = train_set.nearest(images)[0].tolist()
     return out
+
+
+def renders(scenes) -> torch.Tensor:
+    """The shapes world's clean renders of `scenes`: (N, 3, H, W) uint8."""
+    from base_model.shapes import render
+
+    return torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).contiguous()
 
 
 def gain_ci(base: np.ndarray, runs: list[np.ndarray], k: int, n_boot: int = 2000, seed: int = 0) -> dict:
@@ -157,15 +178,25 @@ def main(argv=None):
         cmd = command("reward.imagetext", cfg.audit_config, {"output": audit})
         run_cached(cmd, command_key(cmd, cfg.audit_config), audit + "-run", lambda: {}, tag="compare")
 
-    def judged(spec, folder, split, best_of=1):
+    train_set, copy_at = None, 0.0
+    if audit and cfg.train_data:  # embedded once; a bad --train_data stops here, before any training
+        from base_model.features import copy_threshold
+        from reward.memorization import TrainingSet
+
+        train_set = TrainingSet(cfg.train_data, cfg.feature_model, cfg.feature_resolution, cfg.train_num_images)
+        copy_at = copy_threshold(cfg.feature_model)
+
+    def judged(spec, folder, split, best_of=1, guidance=None):
         path = os.path.join(folder, f"judged-{split}-{cfg.n_prompts}x{k}" + (f"-bo{best_of}" if best_of > 1 else "")
-                            + ".json")
+                            + (f"-cfg{guidance:g}" if guidance is not None else "") + ".json")
         cached = None
         if os.path.isfile(path):
             with open(path) as f:
                 cached = json.load(f)
-        if cached is None or "strict" not in cached or (audit and "fd" not in cached):
-            res = judge(spec, split, cfg.n_prompts, k, best_of, cfg.reward, audit)
+        memorize = train_set if split == cfg.splits[0] else None  # the audit's split
+        if cached is None or "strict" not in cached or (audit and "fd" not in cached) or \
+                (memorize is not None and "copy_cos" not in cached):
+            res = judge(spec, split, cfg.n_prompts, k, best_of, cfg.reward, audit, memorize, guidance)
             os.makedirs(folder, exist_ok=True)
             write_json(path, res, indent=None)
             return res
@@ -189,7 +220,13 @@ def main(argv=None):
                           lambda: again_flags(folder), tag="compare")
 
     results = {"config": asdict(cfg), "base": {s: float(v.mean()) for s, v in base.items()}, "methods": {},
-               "base_audit": {s: audit_summary([j]) for s, j in base_judged.items()} if audit else {}}
+               "base_audit": {s: audit_summary([j], k, copy_at) for s, j in base_judged.items()} if audit else {}}
+    if train_set is not None:  # the reference: how many fresh renders of the same scenes are "copies"
+        from base_model.shapes import make_split
+        from reward.stats import mean_ci
+
+        real = renders(make_split(cfg.splits[0], cfg.n_prompts)).float() / 127.5 - 1
+        results["render_copies"] = {**mean_ci(train_set.nearest(real)[0] >= copy_at), "threshold": copy_at}
     trained = {}
     for name, m in methods.items():  # each method trained on every seed, then judged, in config order
         entry = {"splits": {}}
@@ -204,21 +241,24 @@ def main(argv=None):
             per_split = {s: [judged(cfg.base, os.path.join(out, name), s, n)] for s in cfg.splits}
         else:
             runs = trained[name]
-            entry.update(reward_calls=float(np.mean([r["reward_calls"] for r in runs])),
+            entry.update(guidance=m.get("guidance"), reward_calls=float(np.mean([r["reward_calls"] for r in runs])),
                          train_seconds=float(np.mean([r["wall_s"] for r in runs])))
             per_split = {s: [judged(os.path.join(out, name, f"seed-{seed}", "final"),
-                                    os.path.join(out, name, f"seed-{seed}"), s) for seed in cfg.seeds]
-                         for s in cfg.splits}
+                                    os.path.join(out, name, f"seed-{seed}"), s, guidance=m.get("guidance"))
+                             for seed in cfg.seeds] for s in cfg.splits}
         for s, runs_judged in per_split.items():
             arrays = [np.array(j["correct"]) for j in runs_judged]
             entry["splits"][s] = {"accuracy": float(np.mean(arrays)), "gain": gain_ci(base[s], arrays, k)}
             if audit:
-                a = audit_summary(runs_judged)
+                a = audit_summary(runs_judged, k, copy_at)
                 b = results["base_audit"][s]
                 a["flags"] = ([f"diversity {a['diversity']:.3f} < {cfg.diversity_floor} × base {b['diversity']:.3f}"]
                               if a["diversity"] < cfg.diversity_floor * b["diversity"] else []) + \
                              ([f"FD {a['fd']:.3f} > {cfg.fd_ceiling} × base {b['fd']:.3f}"]
-                              if a["fd"] > cfg.fd_ceiling * b["fd"] else [])
+                              if a["fd"] > cfg.fd_ceiling * b["fd"] else []) + \
+                             ([f"copies {a['copies']['mean']:.1%} > renders {ref:.1%} + {cfg.copy_margin:.0%}"]
+                              if "copies" in a and a["copies"]["mean"] > (ref := results["render_copies"]["mean"])
+                              + cfg.copy_margin else [])
                 a["proxy_gain"] = a["proxy"] - b["proxy"]
                 a["strict_gain"] = a["strict"] - b["strict"]  # gold-vs-proxy for a checker-trained method
                 entry["splits"][s]["audit"] = a
@@ -229,9 +269,18 @@ def main(argv=None):
         print(line)
 
 
-def audit_summary(judged_runs: list[dict]) -> dict:
-    """Mean proxy score, diversity, FD and strict-checker accuracy over a method's seeds."""
-    return {k: float(np.mean([np.mean(j[k]) for j in judged_runs])) for k in ("proxy", "diversity", "fd", "strict")}
+def audit_summary(judged_runs: list[dict], k: int, copy_at: float) -> dict:
+    """Mean proxy score, diversity, FD and strict-checker accuracy over a method's seeds; where the
+    images were matched to the training set, the share of copies (nearest cosine ≥ `copy_at`) with a
+    bootstrap CI over prompts (the seeds' images of a prompt resampled together)."""
+    out = {m: float(np.mean([np.mean(j[m]) for j in judged_runs])) for m in ("proxy", "diversity", "fd", "strict")}
+    if all("copy_cos" in j for j in judged_runs):
+        from reward.stats import mean_ci
+
+        copies = np.stack([np.array(j["copy_cos"]) >= copy_at for j in judged_runs])  # (seeds, prompts·k)
+        groups = np.tile(np.arange(copies.shape[1]) // k, len(judged_runs))
+        out["copies"] = {**mean_ci(copies.ravel().astype(float), groups), "threshold": copy_at}
+    return out
 
 
 def _train_record(folder: str) -> dict:
@@ -260,7 +309,8 @@ def table(results: dict) -> list[str]:
             g = e["splits"][s]["gain"]
             cells.append(f"{e['splits'][s]['accuracy']:.1%} {g['mean'] * 100:+.1f} [{g['ci95'][0] * 100:+.1f}, "
                          f"{g['ci95'][1] * 100:+.1f}]")
-        lines.append(f"{name:14s} {e['reward_calls']:12.0f} {e['train_seconds']:8.0f} " + " ".join(f"{c:>34s}" for c in cells))
+        label = name + (f" cfg{e['guidance']:g}" if e.get("guidance") is not None else "")
+        lines.append(f"{label:14s} {e['reward_calls']:12.0f} {e['train_seconds']:8.0f} " + " ".join(f"{c:>34s}" for c in cells))
     if results.get("base_audit"):
         s = splits[0]
         b = results["base_audit"][s]
@@ -268,13 +318,23 @@ def table(results: dict) -> list[str]:
                       "1 − cos of a prompt's images, FD to renders of the same scenes, strict = accuracy under the "
                       "stricter checker (no extra objects, unambiguous shapes, twice the position margin)",
                   f"{'base':14s} proxy {b['proxy']:6.2f}            diversity {b['diversity']:.3f}  FD {b['fd']:.3f}  "
-                  f"strict {b['strict']:.1%}"]
+                  f"strict {b['strict']:.1%}{_copies(b)}"]
+        if "render_copies" in results:
+            lines.append(f"{'renders':14s} copies = nearest pretraining image at cosine ≥ "
+                         f"{results['render_copies']['threshold']}:{_copies({'copies': results['render_copies']})} "
+                         "of fresh renders of the same scenes (the reference)")
         for name, e in results["methods"].items():
             a = e["splits"][s].get("audit")
             if a:
                 lines.append(f"{name:14s} proxy {a['proxy']:6.2f} ({a['proxy_gain']:+.2f})  diversity {a['diversity']:.3f}  "
-                             f"FD {a['fd']:.3f}  strict {a['strict']:.1%} ({a['strict_gain'] * 100:+.1f})  {'FLAGGED: ' + '; '.join(a['flags']) if a['flags'] else 'ok'}")
+                             f"FD {a['fd']:.3f}  strict {a['strict']:.1%} ({a['strict_gain'] * 100:+.1f}){_copies(a)}  "
+                             f"{'FLAGGED: ' + '; '.join(a['flags']) if a['flags'] else 'ok'}")
     return lines
+
+
+def _copies(a: dict) -> str:
+    c = a.get("copies")
+    return f"  copies {c['mean']:.1%} [{c['ci95'][0]:.1%}, {c['ci95'][1]:.1%}]" if c else ""
 
 
 def write_html(results: dict, path: str):

@@ -45,6 +45,14 @@ def snapshot_adapter(peft_model, name: str, decay: float = 0.0) -> None:
     peft_model.set_adapter("default")
 
 
+def copy_adapter(peft_model, src: str, dst: str) -> None:
+    """Adapter `dst` ← the weights of adapter `src` (both exist; `dst` keeps its trainability)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    state = get_peft_model_state_dict(peft_model, adapter_name=src)
+    set_peft_model_state_dict(peft_model, {k: v.detach().clone() for k, v in state.items()}, adapter_name=dst)
+
+
 def save_adapters(peft_model, folder: str, names) -> None:
     """Each of the frozen adapters `names` that exists, in PEFT format under folder/NAME/NAME."""
     import os

@@ -54,11 +54,11 @@ from base_model.training import (DataOrder, append_log, build_caches, check_fini
 from .dpo import sample_grid, save_adapter
 from .grpo import grpo_step, old_logprobs, sde_rollout, transition_items
 from .loss import dpo_loss, group_advantages, nft_loss, optimality_probability
-from .lora import DEFAULT_TARGETS, add_lora, load_adapter_weights, save_adapters, snapshot_adapter
+from .lora import DEFAULT_TARGETS, add_lora, copy_adapter, load_adapter_weights, save_adapters, snapshot_adapter
 from .pairs import prompts_from
 
 METHODS = ("dpo", "nft", "grpo", "raft")
-OLD, REF = "old", "ref"  # frozen adapters: NFT's sampling policy, online DPO's moving reference
+OLD, REF, EMA = "old", "ref", "ema"  # frozen adapters: NFT's sampling policy, DPO's moving reference, the EMA
 
 
 @dataclass
@@ -96,6 +96,8 @@ class OnlineConfig:
     global_std: bool = False  # advantages divided by the round's reward std, not each group's
     nft_kl: float = 0.0  # weight of mean ‖v_θ − v_base‖², DiffusionNFT's KL to the reference (0: off)
     old_decay: float = 0.0  # old ← decay·old + (1 − decay)·policy after each round
+    ema_decay: float = 0.0  # > 0: an EMA of the policy after every step, min((1 + step)/(10 + step), decay)
+    #                         as DiffusionNFT's code (0.9); the final adapter is the EMA (0: the policy)
     # Flow-GRPO
     grpo_steps: int = 10  # Euler SDE steps of the training rollouts
     sde_a: float = 0.7  # σ_t = a·sqrt(t/(1−t))
@@ -140,8 +142,9 @@ class OnlineConfig:
             raise ValueError("--k must be ≥ 2: the signal is relative within a group")
         if self.reward_weights and len(self.reward_weights) != len(self.reward):
             raise ValueError(f"--reward_weights has {len(self.reward_weights)} values for {len(self.reward)} rewards")
-        if not 0 <= self.old_decay < 1:
-            raise ValueError("--old_decay must be in [0, 1)")
+        for name in ("old_decay", "ema_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be in [0, 1)")
 
     @property
     def max_steps(self) -> int:  # the LR schedule's length
@@ -353,7 +356,7 @@ def main(cfg: OnlineConfig):
         with open(os.path.join(resume, "trainer_state.json")) as f:
             state = json.load(f)
         start_round, step, reward_calls, elapsed = state["round"], state["step"], state["reward_calls"], state["elapsed"]
-        for name in (OLD, REF):
+        for name in (OLD, REF, EMA):
             if os.path.isdir(os.path.join(resume, name)):
                 load_adapter_weights(peft_model, name, os.path.join(resume, name, name))
         accelerator.load_state(resume)
@@ -407,6 +410,8 @@ def main(cfg: OnlineConfig):
                     metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / cfg.steps_per_round
                 if use_ref and step % cfg.ref_update_steps == 0:
                     snapshot_adapter(peft_model, REF)
+                if cfg.ema_decay:
+                    snapshot_adapter(peft_model, EMA, min((1 + step) / (10 + step), cfg.ema_decay))
             reduced = accelerator.reduce(torch.tensor(list(metrics_sum.values())), "mean")
             metrics_sum = dict(zip(metrics_sum, reduced.tolist()))
             check_finite(metrics_sum["loss"], step, last_ckpt)
@@ -430,8 +435,10 @@ def main(cfg: OnlineConfig):
         if done % cfg.save_rounds == 0 or done == cfg.rounds:
             last_ckpt = save_checkpoint(accelerator, cfg.output_dir, done, cfg.save_total_limit,
                                         {"round": done, "step": step, "reward_calls": reward_calls,
-                                         "elapsed": elapsed}, lambda d: save_adapters(peft_model, d, (OLD, REF)))
+                                         "elapsed": elapsed}, lambda d: save_adapters(peft_model, d, (OLD, REF, EMA)))
 
+    if cfg.ema_decay and EMA in peft_model.peft_config:  # the final adapter is the policy's EMA
+        copy_adapter(peft_model, EMA, "default")
     if accelerator.is_main_process:
         final = os.path.join(cfg.output_dir, "final")
         save_adapter(accelerator.unwrap_model(model), final, cfg.base, base_sha,

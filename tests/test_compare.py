@@ -21,6 +21,16 @@ def test_gain_ci_by_hand():
     assert mixed["mean"] == 0.5 and mixed["ci95"][0] == 0.0 and mixed["ci95"][1] == 1.0
 
 
+def test_audit_copies_by_hand():
+    run = {"proxy": [1.0], "diversity": [0.5], "fd": 0.1, "strict": [1.0]}
+    a = compare.audit_summary([{**run, "copy_cos": [0.95, 0.2, 0.1, 0.1]}, {**run, "copy_cos": [0.9, 0.9, 0.0, 0.0]}],
+                              k=2, copy_at=0.9)
+    assert a["copies"]["mean"] == 3 / 8 and a["copies"]["n"] == 8 and a["copies"]["threshold"] == 0.9
+    lo, hi = a["copies"]["ci95"]  # prompt 0 holds every copy (3 of 4), prompt 1 none: resampling prompts spans 0 … 0.75
+    assert lo == 0.0 and hi == 0.75
+    assert "copies" not in compare.audit_summary([run], k=2, copy_at=0.9)
+
+
 def test_config_errors_name_the_file_and_key(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"base": "b", "methods": {"x": {"config": "c.yaml"}}}))
@@ -44,7 +54,7 @@ def test_compare_runs_seeds_caches_and_audits(tmp_path, monkeypatch):
              "sample_steps": 2, "num_samples": 2, "lora_r": 2, "lora_alpha": 2, "report_to": "none",
              "reward": "py:tests.test_online:redness"}
     cfg = {"base": base, "output_dir": str(tmp_path / "cmp"), "seeds": [0, 1], "splits": ["val"], "n_prompts": 3,
-           "n_per_prompt": 2, "audit_model": audit,
+           "n_per_prompt": 2, "audit_model": audit, "train_num_images": 64,
            "methods": {"raft": {"module": "align.online", "flags": {**small, "method": "raft", "raft_threshold": -9.0}},
                        "bon": {"best_of_n": "raft"}}}
     path = tmp_path / "cmp.yaml"
@@ -56,6 +66,7 @@ def test_compare_runs_seeds_caches_and_audits(tmp_path, monkeypatch):
     assert bon["best_of"] == 2  # 4 reward calls over 6 images → at least 2 candidates each
     audit_row = raft["splits"]["val"]["audit"]
     assert {"proxy", "diversity", "fd", "flags", "proxy_gain"} <= set(audit_row) and audit_row["fd"] >= 0
+    assert audit_row["copies"]["n"] == 2 * 3 * 2 and 0 <= audit_row["copies"]["mean"] <= 1  # seeds × prompts × k
     assert os.path.isfile(tmp_path / "cmp" / "compare.html")
     done = tmp_path / "cmp" / "raft" / "seed-0" / "result.json"
     stamp = os.path.getmtime(done)

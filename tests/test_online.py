@@ -115,10 +115,26 @@ def test_raft_imitates_only_samples_that_pass(base, tmp_path):
     assert torch.equal(forward(load_model(str(nothing / "final"))), forward(MMDiT.from_pretrained(base)))
 
 
+def test_the_final_adapter_is_the_ema_of_the_policy(base, tmp_path):
+    from safetensors.torch import load_file
+
+    def final(out, *flags):
+        run(base, out, "--method", "nft", "--steps_per_round", "1", *flags)
+        return load_file(str(out / "final" / "adapter_model.safetensors"))
+
+    p1, p2 = final(tmp_path / "p1", "--rounds", "1"), final(tmp_path / "p2")  # the policy after steps 1 and 2
+    ema = final(tmp_path / "ema", "--ema_decay", "0.9")
+    # step 1 creates the EMA (a copy); step 2 mixes with decay min((1 + 2)/(10 + 2), 0.9) = 0.25
+    moved = [k for k in p2 if not torch.equal(p1[k], p2[k])]
+    assert moved
+    for k in p2:
+        assert torch.allclose(ema[k], 0.25 * p1[k] + 0.75 * p2[k], atol=1e-6), k
+
+
 def test_resume_gives_the_uninterrupted_run(base, tmp_path):
-    flags = ["--method", "nft", "--rounds", "4", "--save_rounds", "2"]
+    flags = ["--method", "nft", "--rounds", "4", "--save_rounds", "2", "--ema_decay", "0.5"]
     full = logged(run(base, tmp_path / "full", *flags))
-    run(base, tmp_path / "part", "--method", "nft", "--rounds", "2", "--save_rounds", "2")
+    run(base, tmp_path / "part", "--method", "nft", "--rounds", "2", "--save_rounds", "2", "--ema_decay", "0.5")
     part = logged(run(base, tmp_path / "part", *flags, "--resume_from_checkpoint", "latest"))
     for r in (3, 4):
         assert part[r]["round/reward_mean"] == pytest.approx(full[r]["round/reward_mean"], rel=1e-5)
