@@ -95,6 +95,8 @@ class OnlineConfig:
     nft_loss_scale: str = "one"  # "one" or "clip": the loss × adv_clip_max (DiffusionNFT's code)
     global_std: bool = False  # advantages divided by the round's reward std, not each group's
     nft_kl: float = 0.0  # weight of mean ‖v_θ − v_base‖², DiffusionNFT's KL to the reference (0: off)
+    nft_kl_t_max: float = 0.0  # 0: the KL at the loss's t; > 0: at its own t ~ U(0, this), near the data, where
+    #                            appearance is decided (the layout, decided near the noise, stays free)
     old_decay: float = 0.0  # old ← decay·old + (1 − decay)·policy after each round
     ema_decay: float = 0.0  # > 0: an EMA of the policy after every step, min((1 + step)/(10 + step), decay)
     #                         as DiffusionNFT's code (0.9); the final adapter is the EMA (0: the policy)
@@ -302,9 +304,14 @@ def step_loss(model, peft_model, cfg: OnlineConfig, buf: dict, idx: torch.Tensor
     v = model(x_t, t, c, p)
     loss, metrics = nft_loss(v, v_old, x_t, x0, t, buf["r"][idx], cfg.nft_beta, scale)
     if cfg.nft_kl > 0:  # the Gaussian KL between policy and base steps, up to a constant factor
+        v_kl = v
+        if cfg.nft_kl_t_max > 0:  # drawn after the loss's draws: those stay the same with or without it
+            t = (torch.rand(n, generator=gen) * cfg.nft_kl_t_max)[mine]
+            x_t = interpolate(x0, noise, t)
+            v_kl = model(x_t, t, c, p)
         with torch.no_grad(), adapter(peft_model, None):
             v_base = model(x_t, t, c, p)
-        kl = (v - v_base).pow(2).mean()
+        kl = (v_kl - v_base).pow(2).mean()
         loss = loss + cfg.nft_kl * kl
         metrics = {**metrics, "loss": loss.detach(), "nft/kl": kl.detach()}
     return loss, metrics

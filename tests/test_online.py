@@ -94,9 +94,11 @@ def test_online_dpo_starts_at_log2_and_a_refreshed_reference_starts_there_again(
 
 
 def test_nft_kl_to_the_base_is_zero_on_the_first_step(base, tmp_path):
-    log = logged(run(base, tmp_path / "kl", "--method", "nft", "--steps_per_round", "1", "--nft_kl", "1.0"))
-    assert log[1]["train/nft/kl"] == 0.0  # a zero LoRA is the base
-    assert log[2]["train/nft/kl"] > 0
+    for flags in ([], ["--nft_kl_t_max", "0.3"]):  # at the loss's t, and at its own t near the data
+        log = logged(run(base, tmp_path / f"kl{len(flags)}", "--method", "nft", "--steps_per_round", "1",
+                         "--nft_kl", "1.0", *flags))
+        assert log[1]["train/nft/kl"] == 0.0  # a zero LoRA is the base
+        assert log[2]["train/nft/kl"] > 0
 
 
 def test_grpo_on_policy_ratio_is_exactly_one(base, tmp_path):
