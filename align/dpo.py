@@ -37,10 +37,9 @@ from base_model.flow import flow_loss
 from base_model.errors import InputError, entry_point
 from base_model.outputs import atomic_folder
 from base_model.precompute import PrecomputeConfig, pending
-from base_model.text import TextEmbedder
-from base_model.training import (TrainConfig, add_metrics, build_caches, check_run_folder, clip_and_step,
-                                 draw_t_noise, due, end_step, launched_world, log_train, prepare, progress,
-                                 read_batches, resume_state, save_checkpoint, start_logging, start_run)
+from base_model.training import (TrainConfig, add_metrics, check_run_folder, clip_and_step, draw_t_noise, due,
+                                 end_step, global_rows, launched_world, log_train, prepare, progress, read_batches,
+                                 resume_state, save_checkpoint, start_logging, start_run)
 from base_model.shapes import save_grid
 
 from .loss import LOSS_TYPES, dpo_loss
@@ -72,6 +71,11 @@ class DPOConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         check_fields(self, {"loss_type": LOSS_TYPES, "base_quantization": ("none", "4bit", "8bit")}, ("lora_r",))
+        if not self.base or not self.pairs:
+            raise InputError("--base CHECKPOINT and --pairs DIR are required")
+        if "+" in self.base:
+            raise InputError("--base must be a checkpoint or an SD3 folder; merge an adapter first "
+                             "(python -m base_model.adapters merge)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,15 +116,21 @@ def dpo_step_losses(model, peft_model, batch: dict, loss_type: str):
 # ---------------------------------------------------------------------------------------------
 
 
-def save_adapter(peft_model, path: str, base: str, base_sha: str, extra: dict | None = None):
-    """PEFT adapter + the base it applies to (path, SHA-256) + the base's conditioning, atomically."""
-    with atomic_folder(path) as tmp:
-        peft_model.save_pretrained(tmp, selected_adapters=["default"])
-        with open(os.path.join(tmp, BASE_RECORD), "w") as f:
-            json.dump({"base": os.path.abspath(base), "sha256": base_sha, **(extra or {})}, f, indent=2)
-        cond = os.path.join(base, "conditioning.json")
-        if os.path.isfile(cond):
-            shutil.copy(cond, os.path.join(tmp, "conditioning.json"))
+def save_adapter(accelerator, model, path: str, base: str, base_sha: str, extra: dict | None = None):
+    """PEFT adapter + the base it applies to (path, SHA-256) + the base's conditioning, atomically.
+    Every process calls it: under ZeRO-3 each holds a shard of every parameter, and
+    `accelerator.get_state_dict` gathers them (accelerate's recipe); the main process writes."""
+    state = accelerator.get_state_dict(model)  # every process takes part under ZeRO-3
+    if accelerator.is_main_process:
+        with atomic_folder(path) as tmp:
+            accelerator.unwrap_model(model).save_pretrained(tmp, selected_adapters=["default"], state_dict=state)
+            with open(os.path.join(tmp, BASE_RECORD), "w") as f:
+                json.dump({"base": os.path.abspath(base), "sha256": base_sha, **(extra or {})}, f, indent=2)
+            cond = os.path.join(base, "conditioning.json")
+            if os.path.isfile(cond):
+                shutil.copy(cond, os.path.join(tmp, "conditioning.json"))
+        accelerator.print(f"adapter: {path}")
+    accelerator.wait_for_everyone()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,39 +139,30 @@ def save_adapter(peft_model, path: str, base: str, base_sha: str, extra: dict | 
 
 
 def main(cfg: DPOConfig):
-    if not cfg.base or not cfg.pairs:
-        raise InputError("--base CHECKPOINT and --pairs DIR are required")
-    if "+" in cfg.base:
-        raise InputError("--base must be a checkpoint or an SD3 folder; merge an adapter first "
-                         "(python -m base_model.adapters merge)")
     B, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
     resume = check_run_folder(cfg)  # before anything is written or loaded
-    # Frozen encoders load before the Accelerator (ZeRO-3 would partition them), and the text
-    # encoders only when the pairs' cache is still to be built: the loop reads embeddings from it.
+    # The base loads before the Accelerator (under ZeRO-3 it would partition the frozen weights at load),
+    # the text encoders only when the pairs' cache is still to be built: the loop reads embeddings from it.
     loaded = require_rf(load(cfg.base, text_encoders=False))
     cond = loaded.encoders
     pcfg, cache_path = pairs_cache(cfg, cond, loaded.resolution, loaded.max_side, launched_world())
     build = pending([pcfg], cond)  # bad pairs stop here, with nothing written
-    text = TextEmbedder(cond[0]) if build and loaded.text is None else loaded.text
-    accelerator = start_run(cfg, resume)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    build_caches(accelerator, build, text, loaded.space, cond)
+    accelerator = start_run(cfg, resume, build, cond, loaded.text, loaded.space)
     pairs = open_pairs(cache_path, cond)
     base_sha, dropped = weights_sha256(cfg.base), pairs.manifest["dropped"]
     accelerator.print(f"{len(pairs)} pairs from {cfg.pairs}; dropped {dropped}")
     peft_model = lora_policy(loaded.model.train(), cfg.base_quantization, cfg.gradient_checkpointing, cfg.lora_r,
                              cfg.lora_alpha, cfg.lora_target_modules, cfg.lora_dropout, accelerator.print)
     policy = replace(loaded, model=peft_model, text=None)  # samples the grids from the current policy
-    model, optimizer, scheduler = prepare(accelerator, cfg, peft_model,
-                                          [p for p in peft_model.parameters() if p.requires_grad])
+    model, optimizer, scheduler = prepare(accelerator, cfg, peft_model)  # trains the adapter alone
     start = resume_state(accelerator, resume).get("step", 0)
     start_logging(accelerator, "flowalign-dpo", cfg)
 
     grid_cond = grid_conditioning(pairs, cfg.num_samples)
     if start == 0:
         sample_grid(policy, grid_cond, cfg, accelerator, 0)
-    n_global, mine = B * world, slice(rank * B, (rank + 1) * B)
-    data = read_batches(pairs, pairs.buckets(), cfg, rank, world, start)
+    n_global, mine = global_rows(accelerator, B)
+    data = read_batches(pairs, pairs.buckets(), cfg, accelerator, start)
     history, last_ckpt, t0 = [], resume, time.time()
     bar = progress(accelerator, start, cfg.max_steps, "dpo")
     for step in bar:
@@ -190,12 +191,8 @@ def main(cfg: DPOConfig):
         if due(done, cfg.save_steps, cfg.max_steps):
             last_ckpt = save_checkpoint(accelerator, cfg.output_dir, done, cfg.save_total_limit, {"step": done})
 
-    if accelerator.is_main_process:
-        final = os.path.join(cfg.output_dir, "final")
-        save_adapter(accelerator.unwrap_model(model), final, cfg.base, base_sha,
-                     {"dpo_config": asdict(cfg), "pairs_dropped": dropped})
-        accelerator.print(f"adapter: {final}")
-    accelerator.wait_for_everyone()
+    save_adapter(accelerator, model, os.path.join(cfg.output_dir, "final"), cfg.base, base_sha,
+                 {"dpo_config": asdict(cfg), "pairs_dropped": dropped})
     accelerator.end_training()
 
 

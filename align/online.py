@@ -46,6 +46,7 @@ from base_model.flow import DENSITIES, flow_loss, interpolate, sample_t
 from base_model.sampling import GUIDANCE, SOLVER, SOLVERS, STEPS, sample
 from base_model.errors import InputError, entry_point
 from base_model.precompute import PrecomputeConfig, pending
+from base_model.sources import read_prompts
 from base_model.text import TextEmbedder
 from base_model.training import (DataOrder, append_log, build_caches, check_finite, check_run_folder, clip_and_step,
                                  configure_deepspeed, make_accelerator, make_run_folder, optimizer_and_scheduler,
@@ -55,7 +56,6 @@ from .dpo import sample_grid, save_adapter
 from .grpo import grpo_step, old_logprobs, sde_rollout, transition_items
 from .loss import dpo_loss, group_advantages, nft_loss, optimality_probability
 from .lora import DEFAULT_TARGETS, add_lora, copy_adapter, load_adapter_weights, save_adapters, snapshot_adapter
-from .pairs import prompts_from
 
 METHODS = ("dpo", "nft", "grpo", "raft")
 OLD, REF, EMA = "old", "ref", "ema"  # frozen adapters: NFT's sampling policy, DPO's moving reference, the EMA
@@ -209,7 +209,7 @@ def adapter(peft_model, name: str | None):
 
 def prompt_pool(spec: str) -> list[str]:
     """The distinct prompts of a shapes-world split (its first 5000 scenes: `prompts_cache`) or of a text file."""
-    return list(dict.fromkeys(prompts_from(spec, 5000 if _is_split(spec) else 0)))
+    return list(dict.fromkeys(read_prompts(spec, 5000 if _is_split(spec) else None)[0]))
 
 
 def prompts_cache(spec: str, cache_dir: str, output_dir: str, cond: tuple, grid: list[str]) -> PrecomputeConfig:
@@ -332,7 +332,7 @@ def main(cfg: OnlineConfig):
     loaded = require_rf(load(cfg.base, text_encoders=False))
     space, model, cond = loaded.space, loaded.model.train(), loaded.encoders
     pool = prompt_pool(cfg.prompts)
-    grid = prompts_from("heldout_prompts" if _is_split(cfg.prompts) else cfg.prompts, cfg.num_samples)
+    grid, _ = read_prompts("heldout_prompts" if _is_split(cfg.prompts) else cfg.prompts, cfg.num_samples)
     tcfg = prompts_cache(cfg.prompts, cfg.cache_dir, cfg.output_dir, cond, grid)
     build = pending([tcfg], cond)
     text = TextEmbedder(cond[0]) if build and loaded.text is None else loaded.text  # only to build the cache
@@ -446,12 +446,8 @@ def main(cfg: OnlineConfig):
 
     if cfg.ema_decay and EMA in peft_model.peft_config:  # the final adapter is the policy's EMA
         copy_adapter(peft_model, EMA, "default")
-    if accelerator.is_main_process:
-        final = os.path.join(cfg.output_dir, "final")
-        save_adapter(accelerator.unwrap_model(model), final, cfg.base, base_sha,
-                     {"online_config": asdict(cfg), "reward_calls": reward_calls, "train_seconds": elapsed})
-        accelerator.print(f"adapter: {final}")
-    accelerator.wait_for_everyone()
+    save_adapter(accelerator, model, os.path.join(cfg.output_dir, "final"), cfg.base, base_sha,
+                 {"online_config": asdict(cfg), "reward_calls": reward_calls, "train_seconds": elapsed})
     accelerator.end_training()
 
 

@@ -18,11 +18,11 @@ import os
 
 import torch
 
-from base_model.errors import InputError, MissingInput, entry_point
+from base_model.errors import InputError, entry_point
 from base_model.pickapic import (REQUIRED, Pairs, encode_png, load_pairs, pairs_dataset,  # noqa: F401 (re-exported)
                                  write_pairs)
 from base_model.sampling import GUIDANCE, SOLVER, STEPS, add_sampler_args
-from base_model.sources import prompt_lines
+from base_model.sources import read_prompts
 
 # ---------------------------------------------------------------------------------------------
 # On-policy pairs (AI feedback): sample K per prompt, score, keep winner/loser pairs
@@ -44,18 +44,6 @@ def choose_pairs(scores: torch.Tensor, rule: str = "threshold", threshold: float
     winners = [i for i in order if scores[i] >= threshold]
     losers = [i for i in reversed(order) if scores[i] < threshold and scores[i] <= threshold - margin]
     return list(zip(winners, losers))[:max_pairs]
-
-
-def prompts_from(spec: str, n: int, seed_offset: int = 0) -> list[str]:
-    """Prompts by name: a shapes-world split ('train', 'heldout_prompts', …) or a text file, one per line."""
-    from base_model.shapes import SPLIT_OFFSETS, make_split
-
-    if spec in SPLIT_OFFSETS:
-        return [s.caption for s in make_split(spec, seed_offset + n)[seed_offset:]]
-    if not os.path.isfile(spec):
-        raise MissingInput(f"--prompts {spec!r}: not a shapes split ({list(SPLIT_OFFSETS)}) nor a file")
-    lines = prompt_lines(spec)
-    return lines[:n] if n else lines
 
 
 def on_policy_pairs(gen, prompts: list[str], k: int, reward: str, rule: str = "threshold",
@@ -99,7 +87,7 @@ def main(argv=None):
     ap.add_argument("--base", required=True, help="checkpoint, or CHECKPOINT+ADAPTER")
     ap.add_argument("--prompts", default="train", help="a shapes-world split name or a text file")
     ap.add_argument("--n_prompts", type=int, default=400)
-    ap.add_argument("--prompt_offset", type=int, default=0, help="skip this many prompts of the split")
+    ap.add_argument("--prompt_offset", type=int, default=0, help="skip this many prompts of the split or file")
     ap.add_argument("--k", type=int, default=8, help="samples per prompt")
     ap.add_argument("--reward", default="compositional")
     ap.add_argument("--rule", default="threshold", choices=["threshold", "best_worst"])
@@ -113,8 +101,8 @@ def main(argv=None):
     args = parse_with_config(ap, argv)
     check_replaceable(os.path.normpath(args.output), args.overwrite_output_dir)  # before any sampling
 
+    prompts, _ = read_prompts(args.prompts, args.n_prompts, args.prompt_offset)
     gen = load(args.base)
-    prompts = prompts_from(args.prompts, args.n_prompts, args.prompt_offset)
     rows, info = on_policy_pairs(gen, prompts, args.k, args.reward,
                                  args.rule, args.threshold, args.margin, args.max_pairs_per_prompt,
                                  args.steps, args.guidance, seed=args.seed, model_name=args.base,

@@ -37,8 +37,8 @@ from .sources import source_identity
 from .shapes import make_split, save_grid
 from .errors import entry_point
 from .outputs import atomic_folder
-from .training import (TrainConfig, add_metrics, append_log, build_caches, check_run_folder, clip_and_step,
-                       draw_t_noise, due, end_step, launched_world, log_train, prepare, progress, read_batches,
+from .training import (TrainConfig, add_metrics, append_log, check_run_folder, clip_and_step, draw_t_noise, due,
+                       end_step, global_rows, launched_world, log_train, prepare, progress, read_batches,
                        resume_state, save_checkpoint, start_logging, start_run)
 
 
@@ -92,6 +92,16 @@ class PretrainConfig(TrainConfig):
 # ---------------------------------------------------------------------------------------------
 # Helpers: EMA (the rest is shared with the other stages: base_model/training.py)
 # ---------------------------------------------------------------------------------------------
+
+
+def make_ema(model, decay: float, resume: str | None):
+    """A frozen copy of `model` for the EMA (None when decay is 0), restored from the checkpoint's `ema/`."""
+    if decay <= 0:
+        return None
+    ema = copy.deepcopy(model).requires_grad_(False)
+    if resume:
+        ema.load_state_dict(MMDiT.from_pretrained(os.path.join(resume, "ema")).state_dict())
+    return ema
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -192,7 +202,7 @@ def open_data(paths: dict, cfg: PretrainConfig, cond: tuple, kept_rows: np.ndarr
 
 
 def main(cfg: PretrainConfig):
-    from .text import TextEmbedder, zero_parts
+    from .text import zero_parts
     from .vae import image_space
 
     # Unpack the config once; functions below take explicit arguments.
@@ -204,30 +214,21 @@ def main(cfg: PretrainConfig):
     caches = data_caches(cfg, cond, launched_world(), init.max_side if init is not None else 0)
     build = pending([caches["train"], caches["val"]], cond)  # a bad --dataset stops here, nothing written
     kept_rows = read_keep_index(cfg.keep_index, train_inputs(caches)) if cfg.keep_index else None
-    # Frozen encoders load only to build the cache, and before the Accelerator exists: under ZeRO-3
-    # it would make transformers partition their weights at load (zero.Init).
-    text, space, uncond = (init.text, init.space, init.uncond) if init is not None else (None, None, None)
-    if build and init is None:
-        text, space = TextEmbedder(cfg.text_encoders), image_space(cfg.image_space)
-    accelerator = start_run(cfg, resume)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    build_caches(accelerator, build, text, space, cond)
-    text = None  # the loop reads embeddings from the cache
-    train, buckets, enc = open_data(caches, cfg, cond, kept_rows)
+    # the image space decodes the sample grids; like the text encoders, it loads before the Accelerator
+    space, uncond = (init.space, init.uncond) if init is not None else (image_space(cfg.image_space), None)
+    accelerator = start_run(cfg, resume, build, cond, init.text if init is not None else None, space)
+    train, buckets, enc = open_data(caches, cfg, cond, kept_rows)  # the loop reads embeddings from the cache
     model = init.model.train().requires_grad_(True) if init is not None else new_model(cfg, train, buckets)
     form = model.config.formulation
-    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
-    accelerator.print(f"{model.config.backbone} ({form}) {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-                      f"{sum(map(len, buckets.values()))} training images in {len(buckets)} bucket(s), "
-                      f"{train.manifest['text']['count']} distinct captions, {world} process(es)")
-    model, optimizer, scheduler = prepare(accelerator, cfg, model, model.parameters())
+    ema = make_ema(model, cfg.ema_decay, resume)
+    write_ema = None if ema is None else (lambda folder: ema.save_pretrained(os.path.join(folder, "ema")))
+    accelerator.print(describe(model, train, buckets, accelerator.num_processes))
+    model, optimizer, scheduler = prepare(accelerator, cfg, model)
     start = resume_state(accelerator, resume).get("step", 0)
-    if resume and ema is not None:
-        ema.load_state_dict(MMDiT.from_pretrained(os.path.join(resume, "ema")).state_dict())
     start_logging(accelerator, "flowalign-pretrain", cfg)
 
-    layout, n_global, mine = train.layout(), B * world, slice(rank * B, (rank + 1) * B)
-    data = read_batches(train, buckets, cfg, rank, world, start)
+    layout, (n_global, mine) = train.layout(), global_rows(accelerator, B)
+    data = read_batches(train, buckets, cfg, accelerator, start)
     history, last_ckpt, t0 = [], resume, time.time()
     bar = progress(accelerator, start, cfg.max_steps, "pretrain")
     for step in bar:
@@ -253,10 +254,8 @@ def main(cfg: PretrainConfig):
                       n_global * accum, "samples", bar)
             history, t0 = [], time.time()
         if due(done, cfg.eval_steps, cfg.max_steps):
-            space = space or image_space(cond[1])  # the decoder, for the grid only
             evaluate(model, form, ema, enc, cfg, accelerator, done, space, uncond)
         if due(done, cfg.save_steps, cfg.max_steps):
-            write_ema = None if ema is None else (lambda d: ema.save_pretrained(os.path.join(d, "ema")))
             last_ckpt = save_checkpoint(accelerator, cfg.output_dir, done, cfg.save_total_limit, {"step": done},
                                         write_ema)
 
@@ -276,6 +275,14 @@ def new_model(cfg: PretrainConfig, train: Cache, buckets: dict):
     widest = max(max(train.shape(b)[1:]) for b in buckets)
     mcfg.pos_embed_max_size = max(mcfg.pos_embed_max_size, widest // mcfg.patch_size)
     return build_model(mcfg)
+
+
+def describe(model, train: Cache, buckets: dict, world: int) -> str:
+    """One line: the model, and what it trains on."""
+    params = sum(p.numel() for p in model.parameters())
+    return (f"{model.config.backbone} ({model.config.formulation}) {params / 1e6:.2f}M parameters, "
+            f"{sum(map(len, buckets.values()))} training images in {len(buckets)} bucket(s), "
+            f"{train.manifest['text']['count']} distinct captions, {world} process(es)")
 
 
 def evaluate(model, form, ema, enc, cfg, accelerator, step, vae, uncond=None):

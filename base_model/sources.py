@@ -1,8 +1,12 @@
 """The inputs of `base_model.precompute`: the shapes world, image–caption data (local parquet / arrow /
 save_to_disk / imagefolder, read through `datasets`' memory-mapped Arrow files, or webdataset tar
-shards read with the standard library's `tarfile`), Pick-a-Pic-schema
-pairs, or captions alone (`--text_only`: a shapes split's, or a text file of prompts). `scan` reads captions and image sizes (headers only) and drops pairs as `load_pairs` does;
-`load_rows` decodes the rows of one shard at its bucket's size. `cfg` is a `PrecomputeConfig`.
+shards read with the standard library's `tarfile`), Pick-a-Pic-schema pairs, or captions alone
+(`--text_only`: a shapes split's, or a text file of prompts). `scan` reads captions and image sizes
+(headers only) and drops pairs as `load_pairs` does; `load_rows` decodes the rows of one shard at its
+bucket's size. `cfg` is a `PrecomputeConfig`.
+
+`read_prompts` is the one prompt reader of the project (pairs, online rounds, eval, human eval): a
+shapes-world split name or a text file.
 """
 
 from __future__ import annotations
@@ -125,7 +129,7 @@ def check_source(cfg: PrecomputeConfig) -> None:
     if cfg.pairs:
         open_table(cfg.pairs, list(REQUIRED), [], "--pairs")
     elif cfg.text_only and cfg.dataset != "shapes":
-        prompt_lines(cfg.dataset)
+        read_prompts(cfg.dataset, flag="--dataset")
     elif tar_files(cfg.dataset):
         if not tar_samples(cfg.dataset):
             raise InputError(f"--dataset {cfg.dataset!r}: its tar shards hold no sample")
@@ -133,12 +137,30 @@ def check_source(cfg: PrecomputeConfig) -> None:
         open_table(cfg.dataset, [cfg.image_column, cfg.caption_column], [])
 
 
-def prompt_lines(path: str) -> list[str]:
-    """A text file of prompts: one per non-empty line, stripped."""
-    if not os.path.isfile(path):
-        raise MissingInput(f"prompts file {path!r} does not exist")
-    with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
+def read_prompts(spec: str, n: int | None = None, offset: int = 0, flag: str = "--prompts"):
+    """The one prompt reader: a shapes-world split name or a text file → (captions, scenes or None).
+    A split gives its scenes offset … offset+n−1 (its seeds follow `shapes.SPLIT_OFFSETS`), and the
+    scenes too, for the compositional judge; it needs n ≥ 1. A file gives its prompts from line
+    offset+1 on, n of them or all when n is None or 0, one per line, stripped. An empty line, or a
+    file with no prompt, is an error naming the file (and the line); `flag` names the option."""
+    from .shapes import SPLIT_OFFSETS, make_split
+
+    if spec in SPLIT_OFFSETS:
+        if not n or n < 1:
+            raise InputError(f"{flag} {spec!r} is a shapes-world split: give a number of prompts ≥ 1")
+        scenes = make_split(spec, offset + n)[offset:]
+        return [s.caption for s in scenes], scenes
+    if not os.path.isfile(spec):
+        raise MissingInput(f"{flag} {spec!r}: neither a shapes-world split {list(SPLIT_OFFSETS)} nor a file")
+    with open(spec, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            raise InputError(f"{flag} {spec!r}, line {i}: empty prompt; every line must hold one")
+    prompts = [line.strip() for line in lines][offset:offset + n if n else None]
+    if not prompts:
+        raise InputError(f"{flag} {spec!r}: no prompt" + (f" after line {offset}" if offset else ""))
+    return prompts, None
 
 
 def row_name(value, i: int) -> str:
@@ -152,7 +174,7 @@ def scan(cfg: PrecomputeConfig) -> dict:
     dropped = {}
     if cfg.text_only:  # no image entries: the captions go to the text table only
         captions = ([s.caption for s in shapes_scenes(cfg.split, cfg.num_images)] if cfg.dataset == "shapes"
-                    else prompt_lines(cfg.dataset))
+                    else read_prompts(cfg.dataset, flag="--dataset")[0])
         total = 0
     elif cfg.pairs:
         from .pickapic import DROPPED, REQUIRED, drop_reason

@@ -9,11 +9,14 @@ and LR schedule, the NaN stop, logging, and checkpoints written atomically.
 A stage's loop, in order:
 
     resume = check_run_folder(cfg)                      # before anything is written or loaded
-    accelerator = start_run(cfg, resume)                # accelerator, seed, output_dir
-    model, optimizer, scheduler = prepare(accelerator, cfg, model, params)
+    accelerator = start_run(cfg, resume, build, cond)   # accelerator, seed, output_dir, data caches
+    model, optimizer, scheduler = prepare(accelerator, cfg, model)
     start = resume_state(accelerator, resume).get("step", 0)
+    n_global, mine = global_rows(accelerator, cfg.per_device_train_batch_size)
+    data = read_batches(cache, buckets, cfg, accelerator, start)
     for step in progress(accelerator, start, cfg.max_steps, "stage"):
         for micro in range(accum):
+            batch = next(data)
             t, noise, gen = draw_t_noise(cfg, step, micro, n_global, shape, mine)
             with accelerator.accumulate(model): loss = …; accelerator.backward(loss); clip_and_step(…)
         metrics = end_step(accelerator, scheduler, sums, step + 1, last_ckpt)   # reduce, NaN stop
@@ -96,21 +99,30 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def start_run(cfg, resume: str | None):
-    """The Accelerator (gradient accumulation of cfg), the global seed, and --output_dir made."""
+def start_run(cfg, resume: str | None, build: list, cond: tuple, text=None, space=None):
+    """The Accelerator (gradient accumulation of cfg), the global seed, --output_dir made, and the
+    data caches still to `build` (`precompute.pending`) built, each process its share. The frozen
+    encoders that building needs (`text`, `space` when given, else those `cond` names) load first:
+    under ZeRO-3 the Accelerator would make transformers partition their weights (zero.Init)."""
     from accelerate.utils import set_seed
 
-    accelerator = make_accelerator(cfg.output_dir, cfg.report_to, cfg.mixed_precision,
-                                   getattr(cfg, "gradient_accumulation_steps", 1))
+    from .text import TextEmbedder
+    from .vae import image_space
+
+    if build:
+        text = text if text is not None else TextEmbedder(cond[0])
+        space = space if space is not None else image_space(cond[1])
+    accelerator = make_accelerator(cfg.output_dir, cfg.report_to, cfg.mixed_precision, cfg.gradient_accumulation_steps)
     set_seed(cfg.seed)
     make_run_folder(accelerator, cfg, resume)
+    build_caches(accelerator, build, text, space, cond)
     return accelerator
 
 
-def prepare(accelerator, cfg, model, params):
-    """Optimizer and LR schedule of `params`, DeepSpeed told the micro-batch and the clipping, and
-    all three through `accelerator.prepare` → (model, optimizer, scheduler)."""
-    optimizer, scheduler = optimizer_and_scheduler(cfg, params)
+def prepare(accelerator, cfg, model):
+    """Optimizer and LR schedule of the model's trainable parameters, DeepSpeed told the micro-batch
+    and the clipping, and all three through `accelerator.prepare` → (model, optimizer, scheduler)."""
+    optimizer, scheduler = optimizer_and_scheduler(cfg, [p for p in model.parameters() if p.requires_grad])
     configure_deepspeed(accelerator, cfg.per_device_train_batch_size, cfg.max_grad_norm)
     return accelerator.prepare(model, optimizer, scheduler)
 
@@ -147,14 +159,21 @@ def due(done: int, every: int, last: int) -> bool:
     return done % every == 0 or done == last
 
 
-def read_batches(cache, buckets: dict, cfg, rank: int, world: int, start: int):
+def global_rows(accelerator, per_device: int) -> tuple[int, slice]:
+    """(global batch size, this process's rows of it): draws are made for the global batch and sliced."""
+    rank = accelerator.process_index
+    return per_device * accelerator.num_processes, slice(rank * per_device, (rank + 1) * per_device)
+
+
+def read_batches(cache, buckets: dict, cfg, accelerator, start: int):
     """This process's batches of the run from the cache, from optimizer step `start` on: global
     batch k is a function of (seed, k), process r reads slice r of it (`cache.GlobalBatches`)."""
     from .cache import GlobalBatches, loader
 
-    accum = cfg.gradient_accumulation_steps
+    accum, world = cfg.gradient_accumulation_steps, accelerator.num_processes
     batches = GlobalBatches(buckets, cfg.per_device_train_batch_size * world, cfg.seed, cache.path)
-    return iter(loader(cache, batches, rank, world, start * accum, cfg.max_steps * accum, cfg.dataloader_num_workers))
+    return iter(loader(cache, batches, accelerator.process_index, world, start * accum, cfg.max_steps * accum,
+                       cfg.dataloader_num_workers))
 
 
 def draw_t_noise(cfg, step: int, micro: int, n_global: int, shape: tuple, mine: slice):

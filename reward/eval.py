@@ -23,14 +23,15 @@ import torch
 
 from base_model.adapters import load, split_spec
 from base_model.cli import ArgumentParser, parse_with_config
-from base_model.errors import InputError, MissingInput, entry_point
+from base_model.errors import InputError, entry_point
 from base_model.outputs import check_output_dir
 from base_model.data import shapes_data, to_model_space
 from base_model.features import copy_threshold
 from base_model.flow import validation_loss
 from base_model.formulations import as_velocity
 from base_model.sampling import GUIDANCE, SOLVER, STEPS, add_sampler_args
-from base_model.shapes import SPLIT_OFFSETS, TASKS, make_split
+from base_model.shapes import TASKS
+from base_model.sources import read_prompts
 
 from . import compositional, memorization, stats
 from .scorers import get_scorer
@@ -65,21 +66,6 @@ class EvalConfig:
     memorization_threshold: float = 0.0  # cosine ≥ this to the nearest training image is a copy; 0: the
     #                                      feature's default (base_model.features.copy_threshold)
     closest_pairs: int = 8  # per model, shown in the report
-
-
-def read_prompts(spec: str, n: int):
-    """→ (captions, scenes or None). A split name gives scenes; a file gives one prompt per line."""
-    if spec in SPLIT_OFFSETS:
-        scenes = make_split(spec, n)
-        return [s.caption for s in scenes], scenes
-    if not os.path.isfile(spec):
-        raise MissingInput(f"--prompts {spec!r}: neither a shapes-world split {list(SPLIT_OFFSETS)} nor a file")
-    with open(spec) as f:
-        lines = f.read().splitlines()
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            raise InputError(f"{spec}, line {i}: empty prompt")
-    return lines[:n] if n else lines, None
 
 
 def generate(spec: str, captions: list[str], cfg: EvalConfig):

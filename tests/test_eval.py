@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from base_model.mmdit import MMDiT, preset
+from base_model.sources import read_prompts
 from reward import eval as reval
 from tests.conftest import randomize
 
@@ -53,7 +54,7 @@ def test_eval_writes_results_and_a_report_whose_images_load(two, tmp_path, chrom
 def test_same_seeds_give_the_same_images_for_the_same_model(two, tmp_path):
     a, _ = two
     cfg = reval.EvalConfig(models=[("x", a)], n_prompts=3, n_per_prompt=2, steps=2, val_images=0)
-    caps, _ = reval.read_prompts(cfg.prompts, 3)
+    caps, _ = read_prompts(cfg.prompts, 3)
     x1, _ = reval.generate(a, caps, cfg)
     x2, _ = reval.generate(a, caps[:2], cfg)  # a different batch: image i keeps seed i
     # the same noise, so the same image; not bit-equal on every CPU: AVX-512 kernels round by batch size
@@ -153,7 +154,7 @@ def test_height_and_width_sample_through_the_one_path(two, tmp_path, monkeypatch
     from base_model.errors import InputError
 
     a, _ = two
-    caps, _ = reval.read_prompts("heldout_prompts", 2)
+    caps, _ = read_prompts("heldout_prompts", 2)
     cfg = reval.EvalConfig(models=[("x", a)], n_prompts=2, n_per_prompt=1, steps=2, val_images=0, height=16, width=32)
     images, _ = reval.generate(a, caps, cfg)
     assert images.shape == (2, 3, 16, 32)

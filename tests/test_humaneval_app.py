@@ -212,16 +212,6 @@ def test_serve_binds_loopback_unless_told(monkeypatch, tmp_path):
     assert got["args"][1:3] == ("0.0.0.0", 9000)
 
 
-def test_prompt_file_with_an_empty_line_names_it(tmp_path):
-    path = tmp_path / "prompts.txt"
-    path.write_text("a red square\n\na blue circle\n")
-    with pytest.raises(ValueError, match=r"prompts.txt:2: empty line"):
-        study.read_prompts(str(path))
-    path.write_text("a red square\na blue circle\n")
-    assert study.read_prompts(str(path)) == ["a red square", "a blue circle"]
-    assert len(study.read_prompts("heldout_prompts", 3)) == 3
-
-
 def test_majority_keeps_ties():
     assert study.majority(["A", "A", "B"]) == (1.0, 0.0)
     assert study.majority(["B", "tie", "B"]) == (0.0, 1.0)

@@ -19,6 +19,7 @@ from base_model.data import to_model_space
 from base_model.errors import InputError
 from base_model.pickapic import encode_png, pairs_dataset
 from base_model.shapes import make_split, render
+from base_model.sources import read_prompts
 
 
 def config(*flags):
@@ -175,6 +176,26 @@ def test_corrupt_shard_and_other_encoders_are_named(tmp_path):
 
 
 # -- the global-batch order ---------------------------------------------------------------------
+
+def test_one_prompt_reader_for_splits_and_files(tmp_path):
+    """`read_prompts`, used by pairs, the online rounds, eval and the human-eval app: a split gives
+    scenes (n of them, after an offset), a file its lines (all when n is None); bad input names the file."""
+    captions, scenes = read_prompts("heldout_prompts", 3, offset=2)
+    assert scenes == make_split("heldout_prompts", 5)[2:] and captions == [s.caption for s in scenes]
+    with pytest.raises(InputError, match="'train' is a shapes-world split"):
+        read_prompts("train")
+    path = tmp_path / "prompts.txt"
+    path.write_text(" a red square\na blue circle\ntwo green triangles\n")
+    assert read_prompts(str(path)) == (["a red square", "a blue circle", "two green triangles"], None)
+    assert read_prompts(str(path), 1, offset=1)[0] == ["a blue circle"]
+    with pytest.raises(InputError, match=r"--prompts '.*prompts.txt': no prompt after line 3"):
+        read_prompts(str(path), offset=3)
+    path.write_text("a red square\n\na blue circle\n")
+    with pytest.raises(InputError, match=r"prompts.txt', line 2: empty prompt"):
+        read_prompts(str(path))
+    with pytest.raises(FileNotFoundError, match="--dataset 'nowhere.txt': neither a shapes-world split"):
+        read_prompts("nowhere.txt", flag="--dataset")
+
 
 def test_global_batches_are_disjoint_per_process_and_resume_in_o1():
     buckets = {0: np.arange(0, 37), 3: np.arange(37, 60)}

@@ -1,26 +1,22 @@
 import json
 
-import pytest
-
 from base_model.mmdit import MMDiT, preset
-from reward.score_checkpoint import main, wilson
+from base_model.shapes import make_split
+from reward.score_checkpoint import main
 
 
-def test_wilson_interval_closed_forms():
-    lo, hi = wilson(0, 10)
-    assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(0.2775, abs=1e-3)
-    lo, hi = wilson(50, 100)
-    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
-
-
-def test_scores_a_checkpoint_per_task(tmp_path):
+def test_scores_a_checkpoint_per_task_through_reward_eval(tmp_path, capsys):
+    """A shorthand for reward.eval: one image per scene, with the scene's own seed, judged per task."""
     ckpt = tmp_path / "ckpt"
     MMDiT(preset("toy", context_dim=384, pooled_dim=384)).save_pretrained(str(ckpt))
     out = main(["--checkpoint", str(ckpt), "--n", "12", "--steps", "2", "--output_dir", str(tmp_path / "s")])
-    saved = json.loads((tmp_path / "s" / "scores.json").read_text())
-    assert saved["n"] == 12 and sum(r["n"] for r in saved["tasks"].values()) == 12
-    assert out["overall"] == 0.0  # an untrained model draws nothing the scorer accepts
-    assert (tmp_path / "s" / "scored_samples.png").exists()
+    saved = json.loads((tmp_path / "s" / "results.json").read_text())
+    m = saved["models"]["checkpoint"]
+    assert m["accuracy"]["n"] == 12 and sum(r["n"] for r in m["tasks"].values()) == 12
+    assert out["models"]["checkpoint"]["geneval_overall"] == 0.0  # an untrained model draws nothing the scorer accepts
+    assert [s.seed for s in make_split("heldout_prompts", 12)] == [saved["config"]["seed"] + i for i in range(12)]
+    assert (tmp_path / "s" / "report.html").exists()
+    assert "| **overall** (mean of tasks) | 0.0% | | 12 |" in capsys.readouterr().out
 
 
 def test_sample_cli_writes_a_grid_for_prompts(tmp_path):

@@ -82,13 +82,15 @@ def main(argv=None):
 
 
 def run(args, ap):
+    from base_model.sources import read_prompts
+
     from . import study
 
     if args.command == "create":
         models = dict(args.model)
         if len(args.model) != 2 or len(models) != 2:
             ap.error("--model: give exactly two, with different names (A, then B)")
-        prompts = study.read_prompts(args.prompts, args.n_prompts)
+        prompts, _ = read_prompts(args.prompts, args.n_prompts)
         sampler = {"solver": args.solver, "steps": args.steps, "guidance": args.guidance, "shift": args.shift}
         admin = study.create(args.db, args.images, models, prompts, sampler, args.n_per_prompt, args.votes_per_item,
                              args.seed)

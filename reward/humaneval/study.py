@@ -13,7 +13,7 @@ from collections import Counter
 
 import numpy as np
 
-from base_model.errors import InputError, MissingInput
+from base_model.errors import InputError
 
 from . import db
 
@@ -22,27 +22,6 @@ QUESTIONS = {  # key → the question an annotator answers; "overall" is the pre
     "adherence": "Which image follows the prompt better?",
     "quality": "Which image has the better visual quality?",
 }
-
-
-def read_prompts(spec: str, n: int | None = None) -> list[str]:
-    """A shapes-world split name ('heldout_prompts', …: its first `n` captions) or a text file with
-    one prompt a line (the first `n`, or all when n is None); an empty line is an error naming it."""
-    from base_model.shapes import SPLIT_OFFSETS, make_split
-
-    if spec in SPLIT_OFFSETS:
-        if n is None or n < 1:
-            raise InputError(f"--prompts {spec!r} is a shapes split: give --n_prompts ≥ 1")
-        return [s.caption for s in make_split(spec, n)]
-    if not os.path.isfile(spec):
-        raise MissingInput(f"--prompts {spec!r}: not a shapes split ({list(SPLIT_OFFSETS)}) nor a file")
-    with open(spec, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            raise InputError(f"{spec}:{i}: empty line; every line must hold a prompt")
-    if not lines:
-        raise InputError(f"{spec}: no prompt")
-    return [line.strip() for line in lines][:n or None]
 
 
 def sample_images(spec: str, prompts: list[str], seeds: list[int], sampler: dict) -> list[np.ndarray]:
