@@ -29,6 +29,7 @@ from base_model.cli import ArgumentParser, read_yaml
 from base_model.errors import InputError, entry_point
 from base_model.outputs import write_json, write_text
 from base_model.runs import again_flags, command, command_key, run_cached
+from reward.stats import mean_ci
 
 
 @dataclass
@@ -90,12 +91,12 @@ def judge(spec: str, split: str, n_prompts: int, k: int, best_of: int = 1, rewar
     distance of all images to renders of the same scenes. With a `train_set`
     (reward.memorization.TrainingSet): each image's cosine to its nearest training image ("copy_cos")."""
     from base_model.adapters import load
+    from base_model.data import shapes_data
     from base_model.sampling import GUIDANCE, SOLVER, STEPS
-    from base_model.shapes import make_split
     from reward import compositional
     from reward.scorers import get_scorer
 
-    scenes = make_split(split, n_prompts)
+    data, scenes = shapes_data(split, n_prompts)  # the scenes and their renders (uint8)
     gen = load(spec)
     context, pooled = gen.text.encode([s.caption for s in scenes])
     rep = torch.arange(len(scenes)).repeat_interleave(k * best_of)
@@ -121,20 +122,12 @@ def judge(spec: str, split: str, n_prompts: int, k: int, best_of: int = 1, rewar
         feats = scorer.embed_images(images).view(len(scenes), k, -1)
         cos = feats @ feats.transpose(1, 2)  # (P, k, k) of unit vectors
         off = ~torch.eye(k, dtype=torch.bool)
-        real = renders(scenes)
         out["proxy"] = scorer(images, [s.caption for s in targets]).tolist()
         out["diversity"] = (1 - cos[:, off]).mean(1).tolist()
-        out["fd"] = frechet_distance(real, images, scorer.model)
+        out["fd"] = frechet_distance(data.images, images, scorer.model)
     if train_set is not None:
         out["copy_cos"] = train_set.nearest(images)[0].tolist()
     return out
-
-
-def renders(scenes) -> torch.Tensor:
-    """The shapes world's clean renders of `scenes`: (N, 3, H, W) uint8."""
-    from base_model.shapes import render
-
-    return torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).contiguous()
 
 
 def gain_ci(base: np.ndarray, runs: list[np.ndarray], k: int, n_boot: int = 2000, seed: int = 0) -> dict:
@@ -222,10 +215,9 @@ def main(argv=None):
     results = {"config": asdict(cfg), "base": {s: float(v.mean()) for s, v in base.items()}, "methods": {},
                "base_audit": {s: audit_summary([j], k, copy_at) for s, j in base_judged.items()} if audit else {}}
     if train_set is not None:  # the reference: how many fresh renders of the same scenes are "copies"
-        from base_model.shapes import make_split
-        from reward.stats import mean_ci
+        from base_model.data import shapes_data, to_model_space
 
-        real = renders(make_split(cfg.splits[0], cfg.n_prompts)).float() / 127.5 - 1
+        real = to_model_space(shapes_data(cfg.splits[0], cfg.n_prompts)[0].images)
         results["render_copies"] = {**mean_ci(train_set.nearest(real)[0] >= copy_at), "threshold": copy_at}
     trained = {}
     for name, m in methods.items():  # each method trained on every seed, then judged, in config order
@@ -275,8 +267,6 @@ def audit_summary(judged_runs: list[dict], k: int, copy_at: float) -> dict:
     bootstrap CI over prompts (the seeds' images of a prompt resampled together)."""
     out = {m: float(np.mean([np.mean(j[m]) for j in judged_runs])) for m in ("proxy", "diversity", "fd", "strict")}
     if all("copy_cos" in j for j in judged_runs):
-        from reward.stats import mean_ci
-
         copies = np.stack([np.array(j["copy_cos"]) >= copy_at for j in judged_runs])  # (seeds, prompts·k)
         groups = np.tile(np.arange(copies.shape[1]) // k, len(judged_runs))
         out["copies"] = {**mean_ci(copies.ravel().astype(float), groups), "threshold": copy_at}

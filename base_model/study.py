@@ -30,7 +30,6 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
-import torch
 
 from reward import compositional, stats
 from reward.fid import frechet_distance
@@ -38,12 +37,13 @@ from reward.fid import frechet_distance
 from .adapters import load
 from .backbones import forward_flops
 from .cli import ArgumentParser, read_yaml
+from .data import shapes_data
 from .errors import InputError, entry_point
 from .mmdit import count_params
 from .outputs import write_json
 from .pretrain import PretrainConfig
 from .runs import again_flags, cached_result, command, command_key, run_cached
-from .shapes import SPLIT_OFFSETS, make_split, render, save_grid
+from .shapes import SPLIT_OFFSETS, save_grid
 from .training import latest_checkpoint
 
 
@@ -148,10 +148,10 @@ def val_curve(folder: str) -> list[tuple[int, float]]:
 def evaluate(folder: str, cfg: StudyConfig, fd_model) -> dict:
     """Accuracy and FD at every (steps, guidance), the validation-loss curve, parameters and FLOPs of
     one trained run; the grid of the last setting is written beside as `judged-study-KEY.png`."""
-    scenes = make_split(cfg.prompts, cfg.n_prompts)
     gen = load(os.path.join(folder, "final"))
-    context, pooled = gen.text.encode([s.caption for s in scenes])
-    real = torch.from_numpy(np.stack([render(s, gen.resolution) for s in scenes])).permute(0, 3, 1, 2).contiguous()
+    data, scenes = shapes_data(cfg.prompts, cfg.n_prompts, gen.resolution)  # the scenes and their renders
+    context, pooled = gen.text.encode(data.captions)
+    real = data.images
     settings = []
     for steps, guidance in itertools.product(cfg.steps, cfg.guidance):
         images = gen.generate(None, range(len(scenes)), steps, guidance, context=(context, pooled),
