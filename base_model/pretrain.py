@@ -39,7 +39,7 @@ from .errors import entry_point
 from .outputs import atomic_folder
 from .training import (TrainConfig, add_metrics, append_log, check_run_folder, clip_and_step, draw_t_noise, due,
                        end_step, global_rows, launched_world, log_train, prepare, progress, read_batches,
-                       resume_state, save_checkpoint, start_logging, start_run)
+                       resume_state, save_checkpoint, start_logging, start_run, zero_stage)
 
 
 @dataclass
@@ -119,17 +119,12 @@ def full_params(model, accelerator) -> dict:
     """Name → full parameter tensor, gathering ZeRO-3 shards when needed."""
     unwrapped = accelerator.unwrap_model(model)
     params = dict(unwrapped.named_parameters())
-    if _zero_stage(accelerator) == 3:
+    if zero_stage(accelerator) == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(params.values())):
             return {k: v.detach().clone() for k, v in params.items()}
     return params
-
-
-def _zero_stage(accelerator) -> int:
-    plugin = accelerator.state.deepspeed_plugin
-    return plugin.zero_stage if plugin is not None else -1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -260,7 +260,8 @@ def to_uint8(image) -> np.ndarray:
     """uint8 (H, W, 3) from the world's format (the same) or the model's: float (3, H, W) in
     [-1, 1], numpy or torch. Floats are always read as [-1, 1]: [0, 1] cannot be told apart."""
     if hasattr(image, "detach"):  # a torch tensor; duck-typed so this module needs no torch
-        image = image.detach().float().cpu().numpy()
+        image = image.detach().cpu()
+        image = (image if str(image.dtype) == "torch.uint8" else image.float()).numpy()
     image = np.asarray(image)
     if image.dtype == np.uint8:
         if image.ndim != 3 or image.shape[-1] != 3:

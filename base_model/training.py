@@ -240,6 +240,12 @@ def start_logging(accelerator, project: str, cfg) -> None:
             json.dump(asdict(cfg), f, indent=2)
 
 
+def zero_stage(accelerator) -> int:
+    """The DeepSpeed ZeRO stage of a run (-1 without DeepSpeed)."""
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin.zero_stage if plugin is not None else -1
+
+
 def configure_deepspeed(accelerator, micro_batch: int, max_grad_norm: float) -> None:
     """DeepSpeed needs the micro-batch and the clipping in its config before `prepare`."""
     if accelerator.state.deepspeed_plugin is not None:

@@ -176,6 +176,34 @@ def strict_correct(image, scene: Scene, world: WorldConfig = WorldConfig()) -> b
     return strict_graded(image, scene, world) == 1.0
 
 
+# The fill of each shape's clean 12-px render (pixels / box; checked on renders in
+# tests/test_compositional.py) and the distance from it at which a detection's shape quality falls
+# to 0: about the gap between two shapes' fills.
+IDEAL_FILL = {"square": 1.0, "circle": 112 / 144, "triangle": 84 / 144}
+FILL_SCALE = 0.2
+
+
+def shape_quality(scene: Scene, detections: list[Detection]) -> float:
+    """How cleanly the requested objects are drawn, in [0, 1]: for each requested colour+shape, the
+    closeness max(0, 1 − |fill − IDEAL_FILL[shape]| / FILL_SCALE) of the `count` detections of that
+    colour closest to the shape (0 for each one missing), averaged. Dense where `checks` is a step: a
+    square drawn with blurred corners (fill 0.85, read as a circle) scores 0.25, a crisp one 1."""
+    scores = []
+    for color, shape, count in requested(scene):
+        closeness = sorted((max(0.0, 1 - abs(d.fill - IDEAL_FILL[shape]) / FILL_SCALE)
+                            for d in detections if d.color == color), reverse=True)[:count]
+        scores += closeness + [0.0] * (count - len(closeness))
+    return float(np.mean(scores))
+
+
+def soft_graded(image, scene: Scene, world: WorldConfig = WorldConfig()) -> float:
+    """The mean of `judge`'s graded score and `shape_quality`: a reward that also ranks near misses
+    (1.0 exactly when correct with every requested object drawn at its render's fill)."""
+    detections = detect(image, world)
+    results = checks(scene, detections)
+    return 0.5 * sum(ok for _, ok in results) / len(results) + 0.5 * shape_quality(scene, detections)
+
+
 def score(images, scenes: list[Scene | str], world: WorldConfig = WorldConfig()) -> dict:
     """GenEval-style summary: {"tasks": accuracy per task, "overall", "correct", "graded"}.
     A scene may be given as its caption (parsed by `scene_from_caption`).

@@ -6,6 +6,8 @@ which carry their layout). A spec is "NAME" or "NAME:PATH" (a local model folder
     compositional          the shapes world's reference scorer (graded; 1.0 exactly when correct)
     compositional_strict   graded over the stricter checks of the reward-hacking audit (no extra
                            objects, unambiguous shapes, clear positions; 1.0 exactly when strictly correct)
+    compositional_soft     the graded score averaged with how close each requested object's fill is to
+                           its clean render's (`compositional.shape_quality`): dense for near misses
     other NAME[:PATH]      module `reward.NAME` with `load(path) -> score(images, prompts)`
     py:MODULE:FUNCTION     your own `score(images, prompts)` function, imported by name
 
@@ -40,7 +42,14 @@ def compositional_strict_score(images, prompts) -> torch.Tensor:
                         dtype=torch.float32)
 
 
-SCORERS = {"compositional": compositional_score, "compositional_strict": compositional_strict_score}
+def compositional_soft_score(images, prompts) -> torch.Tensor:
+    scenes = [compositional.scene_from_caption(p) if isinstance(p, str) else p for p in prompts]
+    return torch.tensor([compositional.soft_graded(i, s) for i, s in zip(images, scenes, strict=True)],
+                        dtype=torch.float32)
+
+
+SCORERS = {"compositional": compositional_score, "compositional_strict": compositional_strict_score,
+           "compositional_soft": compositional_soft_score}
 
 
 def get_scorer(spec: str):

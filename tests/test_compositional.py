@@ -166,3 +166,28 @@ def test_the_strict_reward_is_one_exactly_when_strictly_correct():
     strict = get_scorer("compositional_strict")(batch, scenes + [single])
     assert torch.equal(strict[:-1], torch.ones(40)) and torch.equal(lenient, torch.ones(41))
     assert 0 < strict[-1] < 1  # the extra object fails one strict check of several
+
+
+def test_the_soft_reward_ranks_near_misses_by_hand():
+    from reward.compositional import detect, soft_graded
+
+    scenes = make_split("heldout_prompts", 300)
+    assert all(soft_graded(render(s), s) == 1.0 for s in scenes)  # every clean render: fills at IDEAL_FILL
+    scene = next(s for s in scenes if s.task == "single_object" and s.objects[0].shape == "square")
+    image = render(scene)
+    (square,) = detect(image)
+    x0, y0, x1, y1 = square.box  # 12 × 12 px: cut a 6-pixel corner (3 + 2 + 1 rows) off each of the 4
+    for ys, xs in [(range(y0, y0 + 3), range(x0, x0 + 3)), (range(y0, y0 + 3), range(x1 - 3, x1)),
+                   (range(y1 - 3, y1), range(x0, x0 + 3)), (range(y1 - 3, y1), range(x1 - 3, x1))]:
+        for i, y in enumerate(ys):
+            for j, x in enumerate(xs):
+                dy = i if y < y0 + 3 else 2 - i
+                dx = j if x < x0 + 3 else 2 - j
+                if dx + dy < 3:
+                    image[y, x] = WorldConfig().background
+    (blob,) = detect(image)
+    assert blob.fill == pytest.approx(120 / 144) and blob.shape == "circle"  # the checker fails both checks
+    # graded 0; shape quality 1 − (1 − 120/144) / 0.2 = 1/6; soft = 0.5 · 0 + 0.5 · 1/6
+    assert soft_graded(image, scene) == pytest.approx(1 / 12)
+    blank = np.full_like(image, 255)
+    assert soft_graded(blank, scene) == 0.0

@@ -199,3 +199,17 @@ def test_zero2_two_processes_match_single_process(base, tmp_path):
         assert b[r]["train/loss"] == pytest.approx(a[r]["train/loss"], rel=1e-4), r
     assert torch.allclose(forward(load_model(str(tmp_path / "single" / "final"))),
                           forward(load_model(str(tmp_path / "zero2" / "final"))), atol=1e-4)
+
+
+def test_zero3_with_frozen_adapter_copies_stops_with_a_clear_error(base, tmp_path):
+    """NFT's old policy (and DPO's moving reference, the EMA) are frozen adapter copies that ZeRO-3
+    would partition: the run refuses before writing anything, naming ZeRO-2 instead."""
+    launcher = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--num_processes", "1",
+                "--num_machines", "1", "--use_deepspeed", "--zero_stage", "3", "--mixed_precision", "no",
+                "--dynamo_backend", "no"]
+    out = tmp_path / "z3"
+    p = subprocess.run([*launcher, "-m", "align.online", *SMALL, "--method", "nft", "--base", base,
+                        "--output_dir", str(out)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and "which ZeRO-3 would partition: launch with ZeRO-2" in p.stderr, p.stderr[-3000:]
+    assert not os.path.exists(out / "log.jsonl")

@@ -138,3 +138,26 @@ def test_sde_sampler_has_the_ode_marginals_on_a_known_velocity_field():
     # a window: only those steps are stochastic
     _, few = sde_solve(v, x1[:10], times, 0.7, lambda j: torch.randn(10, 1, 1, 1), window=range(3, 5))
     assert [j for j, *_ in few] == [3, 4]
+
+
+def test_the_prompt_pool_keeps_the_data_task_mix_or_each_caption_once(tmp_path):
+    import collections
+
+    from align.online import prompt_pool
+    from base_model.shapes import make_split
+    from reward.compositional import scene_from_caption
+
+    scenes = prompt_pool("train", "scenes")
+    assert scenes == [s.caption for s in make_split("train", 5000)]  # every scene's caption, repeats kept
+    distinct = prompt_pool("train")
+    assert sorted(distinct) == sorted(set(scenes)) and len(distinct) < len(scenes) / 10
+
+    def share(pool, task):
+        return collections.Counter(scene_from_caption(p).task for p in pool)[task] / len(pool)
+
+    # single objects have few distinct captions: the distinct pool nearly drops them, the scenes pool does not
+    assert share(scenes, "single_object") > 0.1 > 0.05 > share(distinct, "single_object")
+    lines = tmp_path / "p.txt"
+    lines.write_text("a red square\na blue circle\na red square\n")
+    assert prompt_pool(str(lines), "scenes") == ["a red square", "a blue circle", "a red square"]
+    assert prompt_pool(str(lines)) == ["a red square", "a blue circle"]

@@ -130,3 +130,16 @@ def test_save_grid_writes_a_png_of_the_tiles(tmp_path):
     floats = [im.transpose(2, 0, 1) / 127.5 - 1 for im in images]
     save_grid(floats, str(tmp_path / "floats.png"), nrow=4, scale=2, pad=1)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "floats.png").convert("RGB")), grid)
+
+
+def test_to_uint8_reads_torch_uint8_as_pixels_and_floats_as_model_space():
+    import torch
+
+    from base_model.shapes import to_uint8
+
+    image = render(make_split("val", 1)[0])  # (32, 32, 3) uint8
+    assert np.array_equal(to_uint8(torch.from_numpy(image)), image)  # a uint8 tensor is pixels, not [-1, 1]
+    floats = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1
+    assert np.array_equal(to_uint8(floats), image)
+    with pytest.raises(ValueError, match=r"uint8 images must be \(H, W, 3\)"):
+        to_uint8(torch.from_numpy(image).permute(2, 0, 1))  # a CHW uint8 tensor is refused, not misread
