@@ -158,7 +158,8 @@ def main(argv=None):
     ap.add_argument("--output_dir")
     ap.add_argument("--seeds", type=int, nargs="+")
     ap.add_argument("--n_prompts", type=int)
-    ap.add_argument("--methods", nargs="+", help="run only these methods of the config")
+    ap.add_argument("--methods", nargs="+", help="run only these methods of the config (the other rows of an earlier "
+                    "comparison on the same base, splits, seeds and prompts stay in its table)")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, {"base": args.base, "output_dir": args.output_dir, "seeds": args.seeds,
                                     "n_prompts": args.n_prompts})
@@ -212,7 +213,8 @@ def main(argv=None):
         return run_cached(cmd, command_key(cmd, m.get("config")), folder, lambda: _train_record(folder),
                           lambda: again_flags(folder), tag="compare")
 
-    results = {"config": asdict(cfg), "base": {s: float(v.mean()) for s, v in base.items()}, "methods": {},
+    results = {"config": asdict(cfg), "base": {s: float(v.mean()) for s, v in base.items()},
+               "methods": kept_methods(os.path.join(out, f"{cfg.name}.json"), cfg) if args.methods else {},
                "base_audit": {s: audit_summary([j], k, copy_at) for s, j in base_judged.items()} if audit else {}}
     if train_set is not None:  # the reference: how many fresh renders of the same scenes are "copies"
         from base_model.data import shapes_data, to_model_space
@@ -255,10 +257,24 @@ def main(argv=None):
                 a["strict_gain"] = a["strict"] - b["strict"]  # gold-vs-proxy for a checker-trained method
                 entry["splits"][s]["audit"] = a
         results["methods"][name] = entry
+        results["methods"] = {m: results["methods"][m] for m in cfg.methods if m in results["methods"]}  # config order
         write_json(os.path.join(out, f"{cfg.name}.json"), results, indent=2)
     write_html(results, os.path.join(out, f"{cfg.name}.html"))
     for line in table(results):
         print(line)
+
+
+def kept_methods(path: str, cfg: CompareConfig) -> dict:
+    """The rows of an earlier comparison at `path` that a run of some `--methods` keeps: those of methods
+    still in the config, when it was made on the same base, splits, seeds and prompts (else none)."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        earlier = json.load(f)
+    same = ("base", "splits", "seeds", "n_prompts", "n_per_prompt")
+    if any(earlier.get("config", {}).get(key) != getattr(cfg, key) for key in same):
+        return {}
+    return {m: row for m, row in earlier.get("methods", {}).items() if m in cfg.methods}
 
 
 def audit_summary(judged_runs: list[dict], k: int, copy_at: float) -> dict:

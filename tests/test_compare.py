@@ -72,3 +72,6 @@ def test_compare_runs_seeds_caches_and_audits(tmp_path, monkeypatch):
     stamp = os.path.getmtime(done)
     compare.main(["--config", str(path)])  # everything cached: no run again
     assert os.path.getmtime(done) == stamp
+    compare.main(["--config", str(path), "--methods", "raft"])  # one method again: the other rows are kept
+    again = json.load(open(tmp_path / "cmp" / "compare.json"))
+    assert list(again["methods"]) == list(res["methods"]) and again["methods"]["bon"] == res["methods"]["bon"]
