@@ -199,9 +199,8 @@ def shape_quality(scene: Scene, detections: list[Detection]) -> float:
 def soft_graded(image, scene: Scene, world: WorldConfig = WorldConfig()) -> float:
     """The mean of `judge`'s graded score and `shape_quality`: a reward that also ranks near misses
     (1.0 exactly when correct with every requested object drawn at its render's fill)."""
-    detections = detect(image, world)
-    results = checks(scene, detections)
-    return 0.5 * sum(ok for _, ok in results) / len(results) + 0.5 * shape_quality(scene, detections)
+    j = judge(image, scene, world)
+    return 0.5 * j.graded + 0.5 * shape_quality(scene, list(j.detections))
 
 
 def score(images, scenes: list[Scene | str], world: WorldConfig = WorldConfig()) -> dict:

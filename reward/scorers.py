@@ -36,20 +36,16 @@ def compositional_score(images, prompts) -> torch.Tensor:
     return torch.tensor(compositional.score(list(images), list(prompts))["graded"], dtype=torch.float32)
 
 
-def compositional_strict_score(images, prompts) -> torch.Tensor:
-    scenes = [compositional.scene_from_caption(p) if isinstance(p, str) else p for p in prompts]
-    return torch.tensor([compositional.strict_graded(i, s) for i, s in zip(images, scenes, strict=True)],
-                        dtype=torch.float32)
+def per_scene(graded):
+    """A scorer from a per-image `graded(image, scene) -> float` of `reward.compositional`."""
+    def score(images, prompts) -> torch.Tensor:
+        scenes = [compositional.scene_from_caption(p) if isinstance(p, str) else p for p in prompts]
+        return torch.tensor([graded(i, s) for i, s in zip(images, scenes, strict=True)], dtype=torch.float32)
+    return score
 
 
-def compositional_soft_score(images, prompts) -> torch.Tensor:
-    scenes = [compositional.scene_from_caption(p) if isinstance(p, str) else p for p in prompts]
-    return torch.tensor([compositional.soft_graded(i, s) for i, s in zip(images, scenes, strict=True)],
-                        dtype=torch.float32)
-
-
-SCORERS = {"compositional": compositional_score, "compositional_strict": compositional_strict_score,
-           "compositional_soft": compositional_soft_score}
+SCORERS = {"compositional": compositional_score, "compositional_strict": per_scene(compositional.strict_graded),
+           "compositional_soft": per_scene(compositional.soft_graded)}
 
 
 def get_scorer(spec: str):
