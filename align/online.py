@@ -20,6 +20,10 @@ policy, scores them with the reward (any of `reward.scorers`, or a weighted sum)
            `grpo_steps` sampling steps (fewer than evaluation uses), optionally on a window of them
     raft   the control: flow matching on the policy's own samples that reach `raft_threshold`
 
+`--ptx_weight W` adds, to any method's loss, W × the pretraining flow-matching loss on renders of the prompt
+split's scenes (PPO-ptx, as InstructGPT mixes its pretraining loss into RL): it holds the policy near the data
+while the reward pulls it. A run with it has seen real images: compare it with its control, the same loss alone.
+
 Every random draw comes from (seed, round) or (seed, step), never from the process: 1 and N processes
 run the same training. Each process samples a contiguous share of the round's prompts and the groups
 are gathered in prompt order. Output: `final/` (PEFT adapter + its base's path and SHA-256, loadable
@@ -112,6 +116,9 @@ class OnlineConfig:
     kl_beta: float = 0.04
     # RAFT
     raft_threshold: float = 1.0  # samples scoring at least this are imitated
+    # PPO-ptx (InstructGPT, Ouyang et al. 2022): the pretraining loss beside the method's, against drift
+    ptx_weight: float = 0.0  # weight of the flow-matching loss on renders of the prompt split's scenes (0: off)
+    ptx_batch_size: int = 32  # renders per optimizer step, over all processes
     # adapters and optimisation
     lora_r: int = 16
     lora_alpha: int = 16
@@ -144,11 +151,16 @@ class OnlineConfig:
                    "report_to": ("wandb", "none"), "nft_loss_scale": ("one", "clip"),
                    "prompt_pool": ("scenes", "distinct")}
         check_fields(self, choices, ("prompts_per_round", "rounds", "steps_per_round", "per_device_train_batch_size",
-                                     "lora_r", "sample_steps", "grpo_steps", "save_rounds"))
+                                     "lora_r", "sample_steps", "grpo_steps", "save_rounds", "ptx_batch_size"))
         if self.k < 2:
             raise ValueError("--k must be ≥ 2: the signal is relative within a group")
         if self.reward_weights and len(self.reward_weights) != len(self.reward):
             raise ValueError(f"--reward_weights has {len(self.reward_weights)} values for {len(self.reward)} rewards")
+        if self.ptx_weight < 0:
+            raise ValueError("--ptx_weight must be ≥ 0")
+        if self.ptx_weight and not _is_split(self.prompts):
+            raise ValueError(f"--ptx_weight needs a shapes-world split as --prompts (its renders are the data), "
+                             f"got {self.prompts!r}")
         for name in ("old_decay", "ema_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be in [0, 1)")
@@ -279,6 +291,28 @@ def dpo_pairs(rewards: torch.Tensor, per_group: int = 1) -> tuple[torch.Tensor, 
     return torch.cat(best), torch.cat(worst)
 
 
+def ptx_data(split: str, space, image_shape, texts) -> dict:
+    """The pretraining data of PPO-ptx: renders of the first 5000 scenes of a shapes-world split (the
+    scenes whose captions the prompt pool holds) in model space, and their rows of the text table."""
+    from base_model.data import shapes_data, to_model_space
+
+    data, scenes = shapes_data(split, 5000, resolution=image_shape[-1] * space.downsample)
+    x0 = torch.cat([space.encode(to_model_space(data.images[i:i + 256])) for i in range(0, len(scenes), 256)])
+    return {"x0": x0, "rows": texts.text_ids([s.caption for s in scenes])}
+
+
+def ptx_loss(model, ptx: dict, texts, cfg: OnlineConfig, gen: torch.Generator, world: int, rank: int) -> torch.Tensor:
+    """The flow-matching loss of `cfg.ptx_batch_size` renders drawn from `gen` (this process: its
+    contiguous share), at the method's training-time density."""
+    n = cfg.ptx_batch_size
+    idx = torch.randint(len(ptx["x0"]), (n,), generator=gen)
+    t = sample_t(n, cfg.timestep_density, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, cfg.shift, generator=gen)
+    noise = torch.randn((n, *ptx["x0"].shape[1:]), generator=gen)
+    mine = torch.arange(n).tensor_split(world)[rank]
+    c, p = texts.text(ptx["rows"][idx[mine].numpy()])
+    return flow_loss(model, ptx["x0"][idx[mine]], noise[mine], t[mine], c, p).mean()
+
+
 def step_loss(model, peft_model, cfg: OnlineConfig, buf: dict, idx: torch.Tensor, gen: torch.Generator,
               mine: slice, use_ref_adapter: bool):
     """The loss of one micro-batch `idx` (global indices into the round's buffer; this process takes
@@ -359,6 +393,7 @@ def main(cfg: OnlineConfig):
     text, pool_rows = None, texts.text_ids(pool)  # text-table rows of the pool; embeddings read per round
     base_sha = weights_sha256(cfg.base)
     score = make_reward(cfg.reward, cfg.reward_weights)
+    ptx = ptx_data(cfg.prompts, space, loaded.image_shape, texts) if cfg.ptx_weight > 0 else None
 
     model.requires_grad_(False)
     peft_model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
@@ -427,6 +462,10 @@ def main(cfg: OnlineConfig):
                 with accelerator.accumulate(model):
                     loss, metrics = step_loss(model, peft_model, cfg, buf, idx, gen, slice(rank * B, (rank + 1) * B),
                                               use_ref)
+                    if ptx is not None:  # drawn after the method's draws: those stay the same with or without it
+                        ptx_term = ptx_loss(model, ptx, texts, cfg, gen, world, rank)
+                        loss = loss + cfg.ptx_weight * ptx_term
+                        metrics = {**metrics, "loss": loss.detach(), "ptx_loss": ptx_term.detach()}
                     accelerator.backward(loss)
                     clip_and_step(accelerator, model, optimizer, cfg.max_grad_norm)
                 scheduler.step()

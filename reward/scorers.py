@@ -44,7 +44,13 @@ def per_scene(graded):
     return score
 
 
-SCORERS = {"compositional": compositional_score, "compositional_strict": per_scene(compositional.strict_graded),
+def constant_score(images, prompts) -> torch.Tensor:
+    """No preference at all: every image scores 0. A control: a method trained on it learns only from its
+    other terms (align.online's `--ptx_weight`)."""
+    return torch.zeros(len(images))
+
+
+SCORERS = {"constant": constant_score, "compositional": compositional_score, "compositional_strict": per_scene(compositional.strict_graded),
            "compositional_soft": per_scene(compositional.soft_graded)}
 
 

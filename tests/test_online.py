@@ -213,3 +213,56 @@ def test_zero3_with_frozen_adapter_copies_stops_with_a_clear_error(base, tmp_pat
                        capture_output=True, text=True, timeout=600)
     assert p.returncode != 0 and "which ZeRO-3 would partition: launch with ZeRO-2" in p.stderr, p.stderr[-3000:]
     assert not os.path.exists(out / "log.jsonl")
+
+
+def test_ptx_adds_the_pretraining_loss_and_leaves_the_methods_draws_alone(base, tmp_path):
+    plain = logged(run(base, tmp_path / "plain", "--method", "nft", "--steps_per_round", "1"))
+    ptx = logged(run(base, tmp_path / "ptx", "--method", "nft", "--steps_per_round", "1", "--ptx_weight", "2.0"))
+    assert "train/ptx_loss" not in plain[1] and ptx[1]["train/ptx_loss"] > 0
+    # the first step: the same adapter, samples, t and noise for NFT's term; the renders' term is added to it
+    assert ptx[1]["train/nft/positive_loss"] == plain[1]["train/nft/positive_loss"]
+    assert ptx[1]["train/loss"] == pytest.approx(plain[1]["train/loss"] + 2.0 * ptx[1]["train/ptx_loss"], rel=1e-5)
+    assert ptx[2]["train/nft/positive_loss"] != plain[2]["train/nft/positive_loss"]  # it moved the policy
+    # the control: no preference (every group has zero spread, r = 0.5): only the renders' term moves the policy
+    control = logged(run(base, tmp_path / "control", "--method", "nft", "--steps_per_round", "1", "--ptx_weight",
+                         "2.0", "--reward", "constant"))
+    assert control[1]["round/zero_spread_groups"] == 1.0 and control[1]["train/nft/r"] == 0.5
+    assert not torch.allclose(forward(load_model(str(tmp_path / "control" / "final"))),
+                              forward(MMDiT.from_pretrained(base)), atol=1e-6)
+
+
+def test_ptx_loss_is_one_global_draw_shared_by_the_processes():
+    """ptx_loss by hand (rf loss, v = ε − x0, on renders and their text rows drawn from the generator),
+    and 2 processes' halves average to the 1-process loss."""
+    import numpy as np
+
+    from base_model.flow import sample_t
+
+    def net(x, t, c, p):  # a velocity that reads its text condition
+        return 0.5 * x * t.view(-1, 1, 1, 1) + c.mean((1, 2)).view(-1, 1, 1, 1) + p.mean(1).view(-1, 1, 1, 1)
+
+    class Texts:
+        def text(self, rows):
+            r = torch.as_tensor(rows, dtype=torch.float32) / 100
+            return r.view(-1, 1, 1).expand(-1, 2, 3), r.view(-1, 1).expand(-1, 3)
+
+    ptx = {"x0": torch.randn(10, 3, 4, 4, generator=torch.Generator().manual_seed(1)), "rows": np.arange(10) * 7}
+    cfg = OnlineConfig(base="x", ptx_batch_size=6, logit_mean=1.0)
+    one = online.ptx_loss(net, ptx, Texts(), cfg, torch.Generator().manual_seed(5), 1, 0)
+    halves = [online.ptx_loss(net, ptx, Texts(), cfg, torch.Generator().manual_seed(5), 2, r) for r in (0, 1)]
+    assert torch.allclose(one, (halves[0] + halves[1]) / 2, atol=1e-6)
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(10, (6,), generator=g)
+    t = sample_t(6, "logit_normal", 1.0, 1.0, generator=g)
+    eps = torch.randn(6, 3, 4, 4, generator=g)
+    x0, row = ptx["x0"][idx], (idx * 7).float() / 100
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+    v = 0.5 * x_t * t.view(-1, 1, 1, 1) + 2 * row.view(-1, 1, 1, 1)
+    assert torch.allclose(one, ((eps - x0) - v).pow(2).mean(), atol=1e-6)
+
+
+def test_ptx_needs_a_split_whose_renders_are_the_data(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    with pytest.raises(ValueError, match=r"--ptx_weight needs a shapes-world split as --prompts .*prompts.txt"):
+        parse(OnlineConfig, ["--base", "x", "--prompts", str(prompts), "--ptx_weight", "1"])
