@@ -22,7 +22,8 @@ policy, scores them with the reward (any of `reward.scorers`, or a weighted sum)
 
 `--ptx_weight W` adds, to any method's loss, W × the pretraining flow-matching loss on renders of the prompt
 split's scenes (PPO-ptx, as InstructGPT mixes its pretraining loss into RL): it holds the policy near the data
-while the reward pulls it. A run with it has seen real images: compare it with its control, the same loss alone.
+while the reward pulls it. A run with it has seen real images: compare it with its control, the same run on
+`--reward constant` (no preference: only the renders' term moves the policy).
 
 Every random draw comes from (seed, round) or (seed, step), never from the process: 1 and N processes
 run the same training. Each process samples a contiguous share of the round's prompts and the groups

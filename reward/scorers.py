@@ -8,6 +8,8 @@ which carry their layout). A spec is "NAME" or "NAME:PATH" (a local model folder
                            objects, unambiguous shapes, clear positions; 1.0 exactly when strictly correct)
     compositional_soft     the graded score averaged with how close each requested object's fill is to
                            its clean render's (`compositional.shape_quality`): dense for near misses
+    constant               0 for every image: no preference (the control of a run whose other loss terms
+                           move it, e.g. align.online --ptx_weight)
     other NAME[:PATH]      module `reward.NAME` with `load(path) -> score(images, prompts)`
     py:MODULE:FUNCTION     your own `score(images, prompts)` function, imported by name
 
@@ -50,7 +52,8 @@ def constant_score(images, prompts) -> torch.Tensor:
     return torch.zeros(len(images))
 
 
-SCORERS = {"constant": constant_score, "compositional": compositional_score, "compositional_strict": per_scene(compositional.strict_graded),
+SCORERS = {"constant": constant_score, "compositional": compositional_score,
+           "compositional_strict": per_scene(compositional.strict_graded),
            "compositional_soft": per_scene(compositional.soft_graded)}
 
 
