@@ -59,6 +59,15 @@ def dpo_loss(policy_losses: torch.Tensor, ref_losses: torch.Tensor | None, beta:
     return loss, metrics
 
 
+def adaptive_weights(v_ref: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """DiffusionNFT's adaptive weight carried to Diffusion-DPO's errors: the x0-space error of a velocity v is
+    ‖x̂0 − x0‖² = t²·‖v − v*‖², weighted by 1 / sg(mean |x̂0 − x0|) it is t·‖v − v*‖² / mean |v_ref − v*|.
+    → the per-sample factor (B,) t / mean |v_ref − v*| by which policy and reference MSEs are both multiplied
+    (`online --dpo_error_weight adaptive`): every pair member counts by its relative error, not its raw size."""
+    dims = tuple(range(1, v_ref.dim()))
+    return t / (v_ref - target).abs().mean(dims).clamp_min(1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Online objectives: each a pure function of tensors, used by `align.online`
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,10 @@ policy, scores them with the reward (any of `reward.scorers`, or a weighted sum)
 
     dpo    best vs worst image of each group (groups with no spread are skipped and counted), the
            Diffusion-DPO loss with shared noise and t; the reference is a frozen copy of the adapter
-           refreshed every `ref_update_steps` optimizer steps (0: the base itself)
+           refreshed every `ref_update_steps` optimizer steps (0: the base itself); `pairs_per_group` n
+           adds the i-th best vs the i-th worst for i < n; `dpo_error_weight adaptive` multiplies both
+           errors by DiffusionNFT's adaptive weight (`loss.adaptive_weights`): with the reference
+           refreshed every round this is, to first order, NFT's pull on the pairs
     nft    DiffusionNFT: group-normalised rewards → optimality probabilities; implicit positive and
            negative policies around the sampling ("old") adapter; flow matching on the clean samples.
            The old adapter follows the policy after each round (`old_decay` 0: a copy)
@@ -47,7 +50,7 @@ from tqdm.auto import tqdm
 from base_model.adapters import load, require_rf, weights_sha256
 from base_model.cache import Cache, check_conditioning
 from base_model.cli import check_fields, check_types, parse
-from base_model.flow import DENSITIES, flow_loss, interpolate, sample_t
+from base_model.flow import DENSITIES, flow_loss, interpolate, per_sample_mse, sample_t, velocity_target
 from base_model.sampling import GUIDANCE, SOLVER, SOLVERS, STEPS, sample
 from base_model.errors import InputError, entry_point
 from base_model.precompute import PrecomputeConfig, pending
@@ -60,7 +63,7 @@ from reward import compositional
 
 from .dpo import sample_grid, save_adapter
 from .grpo import grpo_step, old_logprobs, sde_rollout, transition_items
-from .loss import dpo_loss, group_advantages, nft_loss, optimality_probability
+from .loss import adaptive_weights, dpo_loss, group_advantages, nft_loss, optimality_probability
 from .lora import DEFAULT_TARGETS, add_lora, copy_adapter, load_adapter_weights, save_adapters, snapshot_adapter
 
 METHODS = ("dpo", "nft", "grpo", "raft")
@@ -98,6 +101,7 @@ class OnlineConfig:
     sft_weight: float = 0.0
     ref_update_steps: int = 0  # refresh the reference to the policy every N optimizer steps (0: the base)
     pairs_per_group: int = 1  # 1: best vs worst; n: also the i-th best vs the i-th worst, i < n
+    dpo_error_weight: str = "none"  # "adaptive": both errors × t / mean |v_ref − v*| (loss.adaptive_weights)
     # DiffusionNFT
     nft_beta: float = 1.0  # how far the implicit policies sit from the old one
     adv_clip_max: float = 1.0  # advantages clipped to ±this before mapping to r ∈ [0, 1]
@@ -150,7 +154,7 @@ class OnlineConfig:
         choices = {"method": METHODS, "sample_solver": SOLVERS, "timestep_density": DENSITIES,
                    "optimizer": ("adamw", "adamw_8bit"), "mixed_precision": ("no", "bf16"),
                    "report_to": ("wandb", "none"), "nft_loss_scale": ("one", "clip"),
-                   "prompt_pool": ("scenes", "distinct")}
+                   "prompt_pool": ("scenes", "distinct"), "dpo_error_weight": ("none", "adaptive")}
         check_fields(self, choices, ("prompts_per_round", "rounds", "steps_per_round", "per_device_train_batch_size",
                                      "lora_r", "sample_steps", "grpo_steps", "save_rounds", "ptx_batch_size"))
         if self.k < 2:
@@ -332,9 +336,14 @@ def step_loss(model, peft_model, cfg: OnlineConfig, buf: dict, idx: torch.Tensor
         ids = torch.cat([buf["prompt"][w], buf["prompt"][l]])
         c, p = buf["context"][ids], buf["pooled"][ids]
         noise2, t2 = noise.repeat(2, 1, 1, 1), t.repeat(2)
+        x_t, target = interpolate(x, noise2, t2), velocity_target(x, noise2)
         with torch.no_grad(), adapter(peft_model, REF if use_ref_adapter else None):
-            ref = flow_loss(model, x, noise2, t2, c, p)
-        return dpo_loss(flow_loss(model, x, noise2, t2, c, p), ref, cfg.beta, "sigmoid", cfg.sft_weight)
+            v_ref = model(x_t, t2, c, p)
+        errors, ref = per_sample_mse(model(x_t, t2, c, p), target), per_sample_mse(v_ref, target)
+        if cfg.dpo_error_weight == "adaptive":
+            w = adaptive_weights(v_ref, target, t2)
+            errors, ref = errors * w, ref * w
+        return dpo_loss(errors, ref, cfg.beta, "sigmoid", cfg.sft_weight)
     x0, ids = buf["x0"][idx], buf["prompt"][idx]
     c, p = buf["context"][ids], buf["pooled"][ids]
     if cfg.method == "raft":

@@ -91,6 +91,10 @@ def test_online_dpo_starts_at_log2_and_a_refreshed_reference_starts_there_again(
     moving = logged(run(base, tmp_path / "moving", "--method", "dpo", "--steps_per_round", "1",
                         "--ref_update_steps", "1"))
     assert moving[2]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)  # reference = the policy after step 1
+    adaptive = logged(run(base, tmp_path / "adaptive", "--method", "dpo", "--steps_per_round", "1",
+                          "--dpo_error_weight", "adaptive"))
+    assert adaptive[1]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)  # errors weighted alike: still log 2
+    assert adaptive[1]["train/mse/policy_chosen"] != fixed[1]["train/mse/policy_chosen"]  # the weights are applied
 
 
 def test_nft_kl_to_the_base_is_zero_on_the_first_step(base, tmp_path):

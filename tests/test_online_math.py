@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from align.loss import group_advantages, grpo_loss, nft_loss, optimality_probability
+from align.loss import adaptive_weights, dpo_loss, group_advantages, grpo_loss, nft_loss, optimality_probability
 from align.online import dpo_pairs
 from base_model.sampling import euler_times, gaussian_logprob, sde_sigma, sde_solve, sde_step, solve
 
@@ -54,6 +54,27 @@ def test_nft_loss_by_hand():
         nft_loss(v, v_old, x_t, x0, t, optimality_probability(a, c), beta=0.5, scale=c)[0].backward()
         grads.append(v.grad.item())
     assert grads[0] == pytest.approx(grads[1]) and grads[0] != 0
+
+
+def test_adaptive_weights_by_hand_and_dpo_on_them_is_nfts_pull_on_a_pair():
+    # two samples of 2 pixels: |v_ref − v*| = (1, 3) and (0.5, 0.5) → means 2 and 0.5; t = 0.5, 0.25
+    v_ref = torch.tensor([[1.0, 3.0], [0.5, -0.5]]).view(2, 1, 1, 2)
+    w = adaptive_weights(v_ref, torch.zeros_like(v_ref), torch.tensor([0.5, 0.25]))
+    assert torch.allclose(w, torch.tensor([0.25, 0.5]))
+    # NFT (β = 1) on a winner (r = 1) and a loser (r = 0) at v_θ = v_old pulls v like DPO on adaptively weighted
+    # errors with the old policy as reference: the same direction per sample, scaled by 2t / mean|v_ref − v*|·…
+    torch.manual_seed(0)
+    x0, eps, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([0.6, 0.6])
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+    target, v_old = eps - x0, eps - x0 + 0.5 * torch.randn(2, 3, 4, 4)
+    v = v_old.clone().requires_grad_(True)
+    nft_loss(v, v_old, x_t, x0, t, torch.tensor([1.0, 0.0]))[0].backward()
+    u = v_old.clone().requires_grad_(True)
+    wt = adaptive_weights(v_old, target, t)
+    err = (u - target).pow(2).mean((1, 2, 3)) * wt
+    dpo_loss(err, err.detach(), beta=1.0)[0].backward()
+    cos = torch.nn.functional.cosine_similarity(v.grad.flatten(), u.grad.flatten(), dim=0)
+    assert cos.item() == pytest.approx(1.0, abs=1e-5)
 
 
 def test_nft_positive_samples_pull_toward_their_data_and_negatives_push_away():
