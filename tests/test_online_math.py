@@ -62,7 +62,7 @@ def test_adaptive_weights_by_hand_and_dpo_on_them_is_nfts_pull_on_a_pair():
     w = adaptive_weights(v_ref, torch.zeros_like(v_ref), torch.tensor([0.5, 0.25]))
     assert torch.allclose(w, torch.tensor([0.25, 0.5]))
     # NFT (β = 1) on a winner (r = 1) and a loser (r = 0) at v_θ = v_old pulls v like DPO on adaptively weighted
-    # errors with the old policy as reference: the same direction per sample, scaled by 2t / mean|v_ref − v*|·…
+    # errors with the old policy as reference: their gradients are parallel
     torch.manual_seed(0)
     x0, eps, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([0.6, 0.6])
     x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
