@@ -75,3 +75,21 @@ def test_compare_runs_seeds_caches_and_audits(tmp_path, monkeypatch):
     compare.main(["--config", str(path), "--methods", "raft"])  # one method again: the other rows are kept
     again = json.load(open(tmp_path / "cmp" / "compare.json"))
     assert list(again["methods"]) == list(res["methods"]) and again["methods"]["bon"] == res["methods"]["bon"]
+
+
+@pytest.mark.parametrize("path", sorted(__import__("glob").glob("configs/compare/*.yaml")))
+def test_every_compare_config_loads_and_names_real_flags(path):
+    """A typo in a method's flags would only surface as a parser error minutes into a comparison."""
+    import dataclasses
+    import importlib
+
+    cfg = compare.load_config(path, {})
+    for name, m in cfg.methods.items():
+        if "best_of_n" in m:
+            continue
+        module = importlib.import_module(m["module"])
+        fields = {f.name for c in (getattr(module, "OnlineConfig", None), getattr(module, "DPOConfig", None))
+                  if c is not None for f in dataclasses.fields(c)}
+        assert set(m.get("flags", {})) <= fields, f"{path}: {name} {set(m.get('flags', {})) - fields}"
+        if m.get("config"):
+            assert os.path.exists(m["config"]), f"{path}: {name}: {m['config']}"
