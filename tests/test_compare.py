@@ -1,6 +1,8 @@
 """align.compare on a tiny random base: runs each method per seed, caches results, best-of-N at
 equal reward calls, the gain's CI, and the reward-hacking audit (diversity, FD, proxy)."""
 
+import dataclasses
+import glob
 import json
 import os
 
@@ -11,6 +13,8 @@ import yaml
 from align import compare
 from reward.imagetext import ImageTextConfig, ImageTextModel
 from tests.conftest import save_tiny_base
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_gain_ci_by_hand():
@@ -77,19 +81,19 @@ def test_compare_runs_seeds_caches_and_audits(tmp_path, monkeypatch):
     assert list(again["methods"]) == list(res["methods"]) and again["methods"]["bon"] == res["methods"]["bon"]
 
 
-@pytest.mark.parametrize("path", sorted(__import__("glob").glob("configs/compare/*.yaml")))
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "compare", "*.yaml"))))
 def test_every_compare_config_loads_and_names_real_flags(path):
     """A typo in a method's flags would only surface as a parser error minutes into a comparison."""
-    import dataclasses
-    import importlib
+    from align.dpo import DPOConfig
+    from align.online import OnlineConfig
 
+    fields = {m: {f.name for f in dataclasses.fields(c)} for m, c in (("align.online", OnlineConfig),
+                                                                      ("align.dpo", DPOConfig))}
     cfg = compare.load_config(path, {})
     for name, m in cfg.methods.items():
         if "best_of_n" in m:
             continue
-        module = importlib.import_module(m["module"])
-        fields = {f.name for c in (getattr(module, "OnlineConfig", None), getattr(module, "DPOConfig", None))
-                  if c is not None for f in dataclasses.fields(c)}
-        assert set(m.get("flags", {})) <= fields, f"{path}: {name} {set(m.get('flags', {})) - fields}"
+        unknown = set(m.get("flags", {})) - fields[m["module"]]
+        assert not unknown, f"{path}: {name} {unknown}"
         if m.get("config"):
-            assert os.path.exists(m["config"]), f"{path}: {name}: {m['config']}"
+            assert os.path.exists(os.path.join(ROOT, m["config"])), f"{path}: {name}: {m['config']}"
