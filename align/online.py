@@ -64,7 +64,7 @@ from reward import compositional
 from .dpo import sample_grid, save_adapter
 from .grpo import grpo_step, old_logprobs, sde_rollout, transition_items
 from .loss import adaptive_weights, dpo_loss, group_advantages, nft_loss, optimality_probability
-from .lora import DEFAULT_TARGETS, add_lora, copy_adapter, load_adapter_weights, save_adapters, snapshot_adapter
+from .lora import DEFAULT_TARGETS, add_lora, copy_adapter, load_adapter_weights, merged, save_adapters, snapshot_adapter
 
 METHODS = ("dpo", "nft", "grpo", "raft")
 OLD, REF, EMA = "old", "ref", "ema"  # frozen adapters: NFT's sampling policy, DPO's moving reference, the EMA
@@ -337,7 +337,7 @@ def step_loss(model, peft_model, cfg: OnlineConfig, buf: dict, idx: torch.Tensor
         c, p = buf["context"][ids], buf["pooled"][ids]
         noise2, t2 = noise.repeat(2, 1, 1, 1), t.repeat(2)
         x_t, target = interpolate(x, noise2, t2), velocity_target(x, noise2)
-        with torch.no_grad(), adapter(peft_model, REF if use_ref_adapter else None):
+        with merged(peft_model, REF) if use_ref_adapter else adapter(peft_model, None), torch.no_grad():
             v_ref = model(x_t, t2, c, p)
         errors, ref = per_sample_mse(model(x_t, t2, c, p), target), per_sample_mse(v_ref, target)
         if cfg.dpo_error_weight == "adaptive":
@@ -350,7 +350,7 @@ def step_loss(model, peft_model, cfg: OnlineConfig, buf: dict, idx: torch.Tensor
         loss = flow_loss(model, x0, noise, t, c, p).mean()
         return loss, {"loss": loss.detach()}
     x_t = interpolate(x0, noise, t)  # nft
-    with torch.no_grad(), adapter(peft_model, OLD):
+    with merged(peft_model, OLD):
         v_old = model(x_t, t, c, p)
     scale = cfg.adv_clip_max if cfg.nft_loss_scale == "clip" else 1.0
     v = model(x_t, t, c, p)
@@ -439,7 +439,7 @@ def main(cfg: OnlineConfig):
         prompts, (context, pooled) = [pool[i] for i in ids.tolist()], texts.text(pool_rows[ids.numpy()])
         share = torch.arange(len(prompts)).tensor_split(world)[rank]
         model.eval()
-        with adapter(peft_model, OLD if cfg.method == "nft" else "default"):
+        with merged(peft_model, OLD if cfg.method == "nft" else "default"):
             x0, traj = rollout(policy, peft_model, (context, pooled), share, cfg, round_)
         images = space.decode(x0).clamp(-1, 1)
         # 2. score (each process its share), gather in prompt order

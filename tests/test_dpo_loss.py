@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from align.loss import dpo_loss
-from align.lora import add_lora
+from align.lora import add_lora, merged, snapshot_adapter
 from base_model.flow import flow_loss
 from base_model.mmdit import MMDiT, preset
 from tests.conftest import randomize
@@ -99,3 +99,54 @@ def test_a_step_moves_only_lora_parameters():
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all("lora_" in n for n in moved)
     assert {n for n in moved if "lora_A" in n} and {n for n in moved if "lora_B" in n}
+
+
+def _toy_inputs(B=3):
+    g = torch.Generator().manual_seed(2)
+    return (torch.randn(B, 3, 32, 32, generator=g), torch.rand(B, generator=g),
+            torch.randn(B, 5, 384, generator=g), torch.randn(B, 384, generator=g))
+
+
+def test_merged_adapter_runs_like_the_adapter_and_restores_the_base_exactly():
+    model = lora_toy()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    snapshot_adapter(model, "old")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B.default" in n:
+                p.add_(0.05)  # the policy moves on; "old" stays
+    inputs = _toy_inputs()
+    weights = {n: (p, p.detach().clone()) for n, p in model.named_parameters() if "base_layer" in n}
+    with torch.no_grad():
+        policy = model(*inputs)
+        model.base_model.set_adapter("old")
+        old = model(*inputs)
+        model.base_model.set_adapter("default")
+    with merged(model, "old"):
+        fast = model(*inputs)
+    torch.testing.assert_close(fast, old, rtol=1e-5, atol=1e-5)
+    assert (fast - policy).abs().max() > 1e-3  # it ran "old", not the policy
+    assert all(torch.equal(p, before) for p, before in weights.values())  # restored bit-exactly
+    assert torch.equal(model(*inputs), policy)  # and the policy trains as before, with gradients
+    assert all(p.requires_grad == ("lora_" in n and ".default." in n) for n, p in model.named_parameters())
+
+
+def test_merged_falls_back_to_the_adapter_where_weights_cannot_be_merged():
+    model = lora_toy()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    inputs = _toy_inputs()
+    with torch.no_grad():
+        expected = model(*inputs)
+    weight = next(p for n, p in model.named_parameters() if "base_layer" in n)
+    weight.ds_id = 0  # as ZeRO-3 marks a partitioned parameter: not to be merged in place
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with merged(model, "default"):
+        out = model(*inputs)
+    assert torch.equal(out, expected)  # the unmerged adapter's own forward
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
