@@ -101,6 +101,16 @@ def test_a_step_moves_only_lora_parameters():
     assert {n for n in moved if "lora_A" in n} and {n for n in moved if "lora_B" in n}
 
 
+def moved_lora_toy():
+    """lora_toy with B ≠ 0: an adapter that changes the outputs."""
+    model = lora_toy()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model
+
+
 def _toy_inputs(B=3):
     g = torch.Generator().manual_seed(2)
     return (torch.randn(B, 3, 32, 32, generator=g), torch.rand(B, generator=g),
@@ -108,11 +118,7 @@ def _toy_inputs(B=3):
 
 
 def test_merged_adapter_runs_like_the_adapter_and_restores_the_base_exactly():
-    model = lora_toy()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    model = moved_lora_toy()
     snapshot_adapter(model, "old")
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -135,11 +141,7 @@ def test_merged_adapter_runs_like_the_adapter_and_restores_the_base_exactly():
 
 
 def test_merged_falls_back_to_the_adapter_where_weights_cannot_be_merged():
-    model = lora_toy()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    model = moved_lora_toy()
     inputs = _toy_inputs()
     with torch.no_grad():
         expected = model(*inputs)
