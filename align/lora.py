@@ -48,6 +48,20 @@ def snapshot_adapter(peft_model, name: str, decay: float = 0.0) -> None:
 
 
 @contextmanager
+def adapter(peft_model, name: str | None):
+    """Run with adapter `name` active ("default": the policy; None: the base, no adapter)."""
+    if name is None:
+        with peft_model.disable_adapter():
+            yield
+        return
+    peft_model.base_model.set_adapter(name)
+    try:
+        yield
+    finally:
+        peft_model.base_model.set_adapter("default")  # also restores requires_grad to the policy
+
+
+@contextmanager
 def merged(peft_model, name: str):
     """Inference (no gradients) with adapter `name` folded into the base's weights: W ← W + ΔW_name for the
     duration, with the adapters disabled, so each layer is one matmul and peft's per-layer dispatch is skipped
@@ -60,12 +74,8 @@ def merged(peft_model, name: str):
     layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
     weights = [m.base_layer.weight for m in layers]
     if not all(type(w) is nn.Parameter and w.dtype.is_floating_point and not hasattr(w, "ds_id") for w in weights):
-        peft_model.base_model.set_adapter(name)
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            peft_model.base_model.set_adapter("default")  # also restores requires_grad to the policy
+        with adapter(peft_model, name), torch.no_grad():
+            yield
         return
     originals = [w.data for w in weights]
     try:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -64,7 +63,8 @@ from reward import compositional
 from .dpo import sample_grid, save_adapter
 from .grpo import grpo_step, old_logprobs, sde_rollout, transition_items
 from .loss import adaptive_weights, dpo_loss, group_advantages, nft_loss, optimality_probability
-from .lora import DEFAULT_TARGETS, add_lora, copy_adapter, load_adapter_weights, merged, save_adapters, snapshot_adapter
+from .lora import (DEFAULT_TARGETS, adapter, add_lora, copy_adapter, load_adapter_weights, merged, save_adapters,
+                   snapshot_adapter)
 
 METHODS = ("dpo", "nft", "grpo", "raft")
 OLD, REF, EMA = "old", "ref", "ema"  # frozen adapters: NFT's sampling policy, DPO's moving reference, the EMA
@@ -208,20 +208,6 @@ def make_reward(specs: list[str], weights: list[float]):
 # ---------------------------------------------------------------------------------------------
 # Adapters: which one is active
 # ---------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def adapter(peft_model, name: str | None):
-    """Run with adapter `name` active ("default": the policy; None: the base, no adapter)."""
-    if name is None:
-        with peft_model.disable_adapter():
-            yield
-        return
-    peft_model.base_model.set_adapter(name)
-    try:
-        yield
-    finally:
-        peft_model.base_model.set_adapter("default")  # also restores requires_grad to the policy
 
 
 # ---------------------------------------------------------------------------------------------
