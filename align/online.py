@@ -38,6 +38,7 @@ elapsed seconds), `samples/step-R.png` (R = the round).
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import time
@@ -50,7 +51,7 @@ from base_model.adapters import load, require_rf, weights_sha256
 from base_model.cache import Cache, check_conditioning
 from base_model.cli import check_fields, check_types, parse
 from base_model.flow import DENSITIES, flow_loss, interpolate, per_sample_mse, sample_t, velocity_target
-from base_model.sampling import GUIDANCE, SOLVER, SOLVERS, STEPS, sample
+from base_model.sampling import GUIDANCE, SOLVER, SOLVERS, STEPS, guided_velocity, sample
 from base_model.errors import InputError, entry_point
 from base_model.precompute import PrecomputeConfig, pending
 from base_model.sources import read_prompts
@@ -78,7 +79,9 @@ class OnlineConfig:
     prompts: str = "train"  # a shapes-world split or a text file of prompts
     prompt_pool: str = "distinct"  # "distinct": each distinct prompt once (on the shapes world 69% position prompts:
     #                                simple prompts have few distinct captions); "scenes": a split's prompts as often
-    #                                as its scenes hold them (a file: every line), the data's task mix
+    #                                as its scenes hold them (a file: every line), the data's task mix; "tasks"
+    #                                (a split): the scenes drawn so that each task is 1/6 of the draws, the weight
+    #                                the metric gives it (its overall is the unweighted mean of the task accuracies)
     cache_dir: str = ""  # where the prompts' text embeddings are precomputed on first use; "" → output_dir/data-cache
     prompts_per_round: int = 32
     k: int = 8  # group size: samples per prompt
@@ -104,6 +107,9 @@ class OnlineConfig:
     dpo_error_weight: str = "none"  # "adaptive": both errors × t / mean |v_ref − v*| (loss.adaptive_weights)
     # DiffusionNFT
     nft_beta: float = 1.0  # how far the implicit policies sit from the old one
+    nft_guided: bool = False  # the loss on the guided velocity v_u + w·(v_c − v_u) at the rollouts' guidance w, the
+    #                           velocity that drew the samples (False: the conditional one; DiffusionNFT's GenEval
+    #                           recipe trains and samples CFG-free). Each training forward doubles.
     adv_clip_max: float = 1.0  # advantages clipped to ±this before mapping to r ∈ [0, 1]
     nft_loss_scale: str = "one"  # "one" or "clip": the loss × adv_clip_max (DiffusionNFT's code)
     global_std: bool = False  # advantages divided by the round's reward std, not each group's
@@ -154,7 +160,7 @@ class OnlineConfig:
         choices = {"method": METHODS, "sample_solver": SOLVERS, "timestep_density": DENSITIES,
                    "optimizer": ("adamw", "adamw_8bit"), "mixed_precision": ("no", "bf16"),
                    "report_to": ("wandb", "none"), "nft_loss_scale": ("one", "clip"),
-                   "prompt_pool": ("scenes", "distinct"), "dpo_error_weight": ("none", "adaptive")}
+                   "prompt_pool": ("scenes", "distinct", "tasks"), "dpo_error_weight": ("none", "adaptive")}
         check_fields(self, choices, ("prompts_per_round", "rounds", "steps_per_round", "per_device_train_batch_size",
                                      "lora_r", "sample_steps", "grpo_steps", "save_rounds", "ptx_batch_size"))
         if self.k < 2:
@@ -215,12 +221,21 @@ def make_reward(specs: list[str], weights: list[float]):
 # ---------------------------------------------------------------------------------------------
 
 
-def prompt_pool(spec: str, kind: str = "distinct") -> list[str]:
-    """The prompts a round draws from: a shapes-world split's first 5000 scenes' captions (`prompts_cache`)
-    or a text file's lines; "scenes" keeps repeats (a caption is drawn as often as the data holds it),
-    "distinct" keeps each prompt once."""
-    prompts = read_prompts(spec, 5000 if _is_split(spec) else None)[0]
-    return prompts if kind == "scenes" else list(dict.fromkeys(prompts))
+def prompt_pool(spec: str, kind: str = "distinct") -> tuple[list[str], torch.Tensor | None]:
+    """The prompts a round draws from, and their draw weights (None: uniform): a shapes-world split's first
+    5000 scenes' captions (`prompts_cache`) or a text file's lines. "scenes" keeps repeats (a caption is
+    drawn as often as the data holds it), "distinct" keeps each prompt once, "tasks" (a split only) keeps
+    repeats and weighs each scene by 1 / (its task's count), so every task is drawn equally often."""
+    prompts, scenes = read_prompts(spec, 5000 if _is_split(spec) else None)
+    if kind == "distinct":
+        return list(dict.fromkeys(prompts)), None
+    if kind == "scenes":
+        return prompts, None
+    if scenes is None:
+        raise InputError(f"--prompt_pool tasks needs a shapes-world split for --prompts (its scenes name their "
+                         f"tasks), got the file {spec!r}: use --prompt_pool scenes or distinct")
+    counts = collections.Counter(s.task for s in scenes)
+    return prompts, torch.tensor([1.0 / counts[s.task] for s in scenes], dtype=torch.float64)
 
 
 def prompts_cache(spec: str, cache_dir: str, output_dir: str, cond: tuple, grid: list[str]) -> PrecomputeConfig:
@@ -236,10 +251,13 @@ def prompts_cache(spec: str, cache_dir: str, output_dir: str, cond: tuple, grid:
                             overwrite_output_dir=not cache_dir)
 
 
-def round_prompts(pool_size: int, n: int, seed: int, round_: int) -> torch.Tensor:
-    """Indices of the round's prompts in the pool, drawn from (seed, round)."""
+def round_prompts(pool_size: int, n: int, seed: int, round_: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the round's prompts in the pool, drawn from (seed, round): uniformly, or by `weights`
+    (with replacement)."""
     g = torch.Generator().manual_seed(seed * 7919 + round_)
-    return torch.randint(pool_size, (n,), generator=g)
+    if weights is None:
+        return torch.randint(pool_size, (n,), generator=g)
+    return torch.multinomial(weights, n, replacement=True, generator=g)
 
 
 def _is_split(spec: str) -> bool:
@@ -336,10 +354,11 @@ def step_loss(model, peft_model, cfg: OnlineConfig, buf: dict, idx: torch.Tensor
         loss = flow_loss(model, x0, noise, t, c, p).mean()
         return loss, {"loss": loss.detach()}
     x_t = interpolate(x0, noise, t)  # nft
+    velocity = guided_velocity(model, (c, p), cfg.guidance if cfg.nft_guided else 1.0, buf["uncond"])
     with merged(peft_model, OLD):
-        v_old = model(x_t, t, c, p)
+        v_old = velocity(x_t, t)
     scale = cfg.adv_clip_max if cfg.nft_loss_scale == "clip" else 1.0
-    v = model(x_t, t, c, p)
+    v = velocity(x_t, t)
     loss, metrics = nft_loss(v, v_old, x_t, x0, t, buf["r"][idx], cfg.nft_beta, scale)
     if cfg.nft_kl > 0:  # the Gaussian KL between policy and base steps, up to a constant factor
         v_kl = v
@@ -369,7 +388,7 @@ def main(cfg: OnlineConfig):
     resume = check_run_folder(cfg)  # before anything is written or loaded
     loaded = require_rf(load(cfg.base, text_encoders=False))
     space, model, cond = loaded.space, loaded.model.train(), loaded.encoders
-    pool = prompt_pool(cfg.prompts, cfg.prompt_pool)
+    pool, pool_weights = prompt_pool(cfg.prompts, cfg.prompt_pool)
     grid, _ = read_prompts("heldout_prompts" if _is_split(cfg.prompts) else cfg.prompts, cfg.num_samples)
     tcfg = prompts_cache(cfg.prompts, cfg.cache_dir, cfg.output_dir, cond, grid)
     build = pending([tcfg], cond)
@@ -421,7 +440,7 @@ def main(cfg: OnlineConfig):
     for round_ in bar:
         t0 = time.time()
         # 1. sample a group of k per prompt from the policy (nft: the old adapter, its sampling policy)
-        ids = round_prompts(len(pool), cfg.prompts_per_round, seed, round_)
+        ids = round_prompts(len(pool), cfg.prompts_per_round, seed, round_, pool_weights)
         prompts, (context, pooled) = [pool[i] for i in ids.tolist()], texts.text(pool_rows[ids.numpy()])
         share = torch.arange(len(prompts)).tensor_split(world)[rank]
         model.eval()

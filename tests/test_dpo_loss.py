@@ -152,3 +152,45 @@ def test_merged_falls_back_to_the_adapter_where_weights_cannot_be_merged():
         out = model(*inputs)
     assert torch.equal(out, expected)  # the unmerged adapter's own forward
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_nft_step_loss_is_nft_loss_on_the_conditional_or_the_guided_velocity(guided):
+    """`--nft_guided`: v_θ and v_old are the CFG velocities v_u + w·(v_c − v_u) that drew the rollouts
+    (the unconditional branch: zeroed text); without it, the conditional ones."""
+    from align.loss import nft_loss
+    from align.online import OLD, OnlineConfig, step_loss
+    from base_model.flow import interpolate, sample_t
+
+    model = moved_lora_toy()
+    snapshot_adapter(model, OLD)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B.default" in n:
+                p.add_(0.3)  # the policy has moved away from the old adapter
+    B, w = 3, 2.0
+    x0, _, c, p = _toy_inputs(B)
+    buf = {"x0": x0, "prompt": torch.arange(B), "context": c, "pooled": p, "uncond": None,
+           "r": torch.tensor([0.9, 0.2, 0.5])}
+    cfg = OnlineConfig(method="nft", guidance=w, nft_guided=guided, logit_mean=1.0)
+    loss, _ = step_loss(model, model, cfg, buf, torch.arange(B), torch.Generator().manual_seed(5), slice(0, B), False)
+
+    g = torch.Generator().manual_seed(5)  # the same draws, in step_loss's order: t, then noise
+    t = sample_t(B, "logit_normal", 1.0, 1.0, 1.29, 1.0, generator=g)
+    x_t = interpolate(x0, torch.randn(x0.shape, generator=g), t)
+
+    def velocity(with_cfg):
+        v_c, v_u = model(x_t, t, c, p), model(x_t, t, 0 * c, 0 * p)
+        return v_u + w * (v_c - v_u) if with_cfg else v_c
+
+    def expected(with_cfg):
+        with torch.no_grad():
+            model.base_model.set_adapter(OLD)
+            v_old = velocity(with_cfg)
+            model.base_model.set_adapter("default")
+            return nft_loss(velocity(with_cfg), v_old, x_t, x0, t, buf["r"])[0].item()
+
+    assert loss.item() == pytest.approx(expected(guided), rel=1e-5)
+    assert loss.item() != pytest.approx(expected(not guided), rel=1e-4)  # 30× the match tolerance apart here
+    loss.backward()
+    assert all(q.grad is not None for n, q in model.named_parameters() if "lora_A.default" in n)

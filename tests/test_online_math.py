@@ -161,16 +161,19 @@ def test_sde_sampler_has_the_ode_marginals_on_a_known_velocity_field():
     assert [j for j, *_ in few] == [3, 4]
 
 
-def test_the_prompt_pool_keeps_the_data_task_mix_or_each_caption_once(tmp_path):
+def test_the_prompt_pool_keeps_the_data_task_mix_or_each_caption_once_or_each_task_equally(tmp_path):
     import collections
 
-    from align.online import prompt_pool
-    from base_model.shapes import make_split
+    import pytest
+
+    from align.online import prompt_pool, round_prompts
+    from base_model.errors import InputError
+    from base_model.shapes import TASKS, make_split
     from reward.compositional import scene_from_caption
 
-    scenes = prompt_pool("train", "scenes")
-    assert scenes == [s.caption for s in make_split("train", 5000)]  # every scene's caption, repeats kept
-    distinct = prompt_pool("train")
+    scenes, none = prompt_pool("train", "scenes")
+    assert none is None and scenes == [s.caption for s in make_split("train", 5000)]  # repeats kept
+    distinct, _ = prompt_pool("train")
     assert sorted(distinct) == sorted(set(scenes)) and len(distinct) < len(scenes) / 10
 
     def share(pool, task):
@@ -178,7 +181,19 @@ def test_the_prompt_pool_keeps_the_data_task_mix_or_each_caption_once(tmp_path):
 
     # single objects have few distinct captions: the distinct pool nearly drops them, the scenes pool does not
     assert share(scenes, "single_object") > 0.1 > 0.05 > share(distinct, "single_object")
+    # "tasks": the same prompts, drawn so that every task gets 1/6 of the draws (the scenes pool: 11% to 23%)
+    same, weights = prompt_pool("train", "tasks")
+    assert same == scenes and weights.shape == (len(scenes),)
+    tasks = [s.task for s in make_split("train", 5000)]
+    per_task = {task: float(sum(w for w, t in zip(weights.tolist(), tasks) if t == task)) for task in TASKS}
+    assert all(abs(v - 1.0) < 1e-9 for v in per_task.values()), per_task
+    drawn = collections.Counter(tasks[i] for r in range(40) for i in round_prompts(len(same), 300, 0, r, weights).tolist())
+    assert all(abs(drawn[task] / 12000 - 1 / 6) < 0.015 for task in TASKS), drawn
+    assert drawn["position"] / 12000 < share(scenes, "position") - 0.04  # the scenes pool's 22% is cut
+    assert round_prompts(len(same), 32, 0, 3, weights).tolist() == round_prompts(len(same), 32, 0, 3, weights).tolist()
     lines = tmp_path / "p.txt"
     lines.write_text("a red square\na blue circle\na red square\n")
-    assert prompt_pool(str(lines), "scenes") == ["a red square", "a blue circle", "a red square"]
-    assert prompt_pool(str(lines)) == ["a red square", "a blue circle"]
+    assert prompt_pool(str(lines), "scenes") == (["a red square", "a blue circle", "a red square"], None)
+    assert prompt_pool(str(lines)) == (["a red square", "a blue circle"], None)
+    with pytest.raises(InputError, match="p.txt.*scenes or distinct"):
+        prompt_pool(str(lines), "tasks")  # a file's lines name no task
