@@ -81,7 +81,7 @@ class OnlineConfig:
     #                                simple prompts have few distinct captions); "scenes": a split's prompts as often
     #                                as its scenes hold them (a file: every line), the data's task mix; "tasks"
     #                                (a split): the scenes drawn so that each task is 1/6 of the draws, the weight
-    #                                the metric gives it (its overall is the unweighted mean of the task accuracies)
+    #                                GenEval's overall (the unweighted mean of the task accuracies) gives it
     cache_dir: str = ""  # where the prompts' text embeddings are precomputed on first use; "" → output_dir/data-cache
     prompts_per_round: int = 32
     k: int = 8  # group size: samples per prompt
