@@ -365,9 +365,9 @@ def step_loss(model, peft_model, cfg: OnlineConfig, buf: dict, idx: torch.Tensor
         if cfg.nft_kl_t_max > 0:  # drawn after the loss's draws: those stay the same with or without it
             t = (torch.rand(n, generator=gen) * cfg.nft_kl_t_max)[mine]
             x_t = interpolate(x0, noise, t)
-            v_kl = model(x_t, t, c, p)
+            v_kl = velocity(x_t, t)
         with torch.no_grad(), adapter(peft_model, None):
-            v_base = model(x_t, t, c, p)
+            v_base = velocity(x_t, t)  # the same velocity as the loss's: guided under --nft_guided
         kl = (v_kl - v_base).pow(2).mean()
         loss = loss + cfg.nft_kl * kl
         metrics = {**metrics, "loss": loss.detach(), "nft/kl": kl.detach()}

@@ -164,8 +164,6 @@ def test_sde_sampler_has_the_ode_marginals_on_a_known_velocity_field():
 def test_the_prompt_pool_keeps_the_data_task_mix_or_each_caption_once_or_each_task_equally(tmp_path):
     import collections
 
-    import pytest
-
     from align.online import prompt_pool, round_prompts
     from base_model.errors import InputError
     from base_model.shapes import TASKS, make_split
