@@ -134,15 +134,26 @@ def gain_ci(base: np.ndarray, runs: list[np.ndarray], k: int, n_boot: int = 2000
     """Mean over seeds of (accuracy − base accuracy), with a 95% bootstrap CI that resamples seeds,
     then prompts (the same prompts for every seed and for the base: the comparison is paired)."""
     diffs = np.stack([r - base for r in runs]).reshape(len(runs), -1, k).mean(2)  # (seeds, prompts)
+    out = pooled_gain_ci([diffs], n_boot, seed)
+    return {"mean": out["mean"], "ci95": out["ci95"], "per_seed": out["per_seed"][0]}
+
+
+def pooled_gain_ci(diffs: list[np.ndarray], n_boot: int = 2000, seed: int = 0) -> dict:
+    """The gain of one recipe over several bases (e.g. pretraining seeds): `diffs[b]` is base b's
+    (training seeds, prompts) array of per-prompt gains over base b, on the same prompts for every base.
+    Mean over bases of each base's mean, with a 95% bootstrap CI that resamples bases, then each drawn
+    base's seeds, then prompts (one draw for all: the comparison stays paired). One base: `gain_ci`."""
     rng = np.random.default_rng(seed)
+    n_prompts = diffs[0].shape[1]
     boots = []
     for _ in range(n_boot):
-        s = rng.integers(len(runs), size=len(runs))
-        p = rng.integers(diffs.shape[1], size=diffs.shape[1])
-        boots.append(diffs[s][:, p].mean())
+        bases = rng.integers(len(diffs), size=len(diffs)) if len(diffs) > 1 else [0]
+        seeds = [rng.integers(len(diffs[b]), size=len(diffs[b])) for b in bases]
+        p = rng.integers(n_prompts, size=n_prompts)
+        boots.append(np.mean([diffs[b][s][:, p].mean() for b, s in zip(bases, seeds)]))
     lo, hi = np.percentile(boots, [2.5, 97.5])
-    return {"mean": float(diffs.mean()), "ci95": [float(lo), float(hi)],
-            "per_seed": [float(d.mean()) for d in diffs]}
+    return {"mean": float(np.mean([d.mean() for d in diffs])), "ci95": [float(lo), float(hi)],
+            "per_base": [float(d.mean()) for d in diffs], "per_seed": [[float(x.mean()) for x in d] for d in diffs]}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,23 @@ def test_gain_ci_by_hand():
     assert mixed["mean"] == 0.5 and mixed["ci95"][0] == 0.0 and mixed["ci95"][1] == 1.0
 
 
+def test_pooled_gain_ci_by_hand():
+    # base A: both seeds gain 1 on every prompt; base B: both gain 0. Mean 0.5 over bases; resampling bases spans 0 … 1
+    a, b = np.ones((2, 4)), np.zeros((2, 4))
+    pooled = compare.pooled_gain_ci([a, b])
+    assert pooled["mean"] == 0.5 and pooled["ci95"] == [0.0, 1.0]
+    assert pooled["per_base"] == [1.0, 0.0] and pooled["per_seed"] == [[1.0, 1.0], [0.0, 0.0]]
+    # bases of unequal seed counts weigh equally: (1 + 1/3) / 2, not the mean over all 4 seeds (0.5)
+    assert compare.pooled_gain_ci([np.ones((1, 4)), np.array([[1.0] * 4, [0.0] * 4, [0.0] * 4])])["mean"] == \
+        pytest.approx((1 + 1 / 3) / 2)
+    # one base: exactly gain_ci's numbers (the same draws)
+    rng = np.random.default_rng(1)
+    base, runs = rng.integers(0, 2, 40).astype(float), [rng.integers(0, 2, 40).astype(float) for _ in range(3)]
+    one = compare.gain_ci(base, runs, k=4)
+    diffs = np.stack([r - base for r in runs]).reshape(3, -1, 4).mean(2)
+    assert compare.pooled_gain_ci([diffs])["ci95"] == one["ci95"]
+
+
 def test_audit_copies_by_hand():
     run = {"proxy": [1.0], "diversity": [0.5], "fd": 0.1, "strict": [1.0]}
     a = compare.audit_summary([{**run, "copy_cos": [0.95, 0.2, 0.1, 0.1]}, {**run, "copy_cos": [0.9, 0.9, 0.0, 0.0]}],
