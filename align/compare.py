@@ -133,9 +133,13 @@ def judge(spec: str, split: str, n_prompts: int, k: int, best_of: int = 1, rewar
 def gain_ci(base: np.ndarray, runs: list[np.ndarray], k: int, n_boot: int = 2000, seed: int = 0) -> dict:
     """Mean over seeds of (accuracy − base accuracy), with a 95% bootstrap CI that resamples seeds,
     then prompts (the same prompts for every seed and for the base: the comparison is paired)."""
-    diffs = np.stack([r - base for r in runs]).reshape(len(runs), -1, k).mean(2)  # (seeds, prompts)
-    out = pooled_gain_ci([diffs], n_boot, seed)
+    out = pooled_gain_ci([prompt_gains(base, runs, k)], n_boot, seed)
     return {"mean": out["mean"], "ci95": out["ci95"], "per_seed": out["per_seed"][0]}
+
+
+def prompt_gains(base: np.ndarray, runs: list[np.ndarray], k: int) -> np.ndarray:
+    """(seeds, prompts): each run's per-prompt accuracy − the base's, from per-image verdicts (k per prompt)."""
+    return np.stack([r - base for r in runs]).reshape(len(runs), -1, k).mean(2)
 
 
 def pooled_gain_ci(diffs: list[np.ndarray], n_boot: int = 2000, seed: int = 0) -> dict:

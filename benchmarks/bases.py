@@ -15,7 +15,8 @@ import os
 
 import numpy as np
 
-from align.compare import pooled_gain_ci
+from align.compare import pooled_gain_ci, prompt_gains
+from base_model.outputs import write_json
 
 
 def read(path):
@@ -47,7 +48,7 @@ def main():
             base = np.array(read(os.path.join(d, "base", name))["correct"], dtype=float)
             runs = [np.array(read(os.path.join(d, args.method, f"seed-{s}", name))["correct"], dtype=float)
                     for s in cfg["seeds"]]
-            diffs.append(np.stack([r - base for r in runs]).reshape(len(runs), -1, k).mean(2))
+            diffs.append(prompt_gains(base, runs, k))
             one = pooled_gain_ci(diffs[-1:])
             rows.append({"base": c["base"], "base_accuracy": float(base.mean()), **one})
             seeds = ", ".join(f"{100 * g:+.1f}" for g in one["per_seed"][0])
@@ -60,8 +61,7 @@ def main():
               f"**{100 * pooled['mean']:+.1f} [{100 * pooled['ci95'][0]:+.1f}, {100 * pooled['ci95'][1]:+.1f}]** |")
         out["splits"][split] = {"per_base": rows, "pooled": pooled}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json(args.json, out, indent=2)
 
 
 if __name__ == "__main__":
