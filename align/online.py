@@ -117,6 +117,8 @@ class OnlineConfig:
     nft_kl_t_max: float = 0.0  # 0: the KL at the loss's t; > 0: at its own t ~ U(0, this), near the data, where
     #                            appearance is decided (the layout, decided near the noise, stays free)
     old_decay: float = 0.0  # old ← decay·old + (1 − decay)·policy after each round
+    old_decay_rate: float = 0.0  # > 0: the decay rises by this per optimizer step up to old_decay (old_policy_decay;
+    #                              DiffusionNFT's code: 0.001 per step up to 0.5), the old adapter lagging more late
     ema_decay: float = 0.0  # > 0: an EMA of the policy after every step, min((1 + step)/(10 + step), decay)
     #                         as DiffusionNFT's code (0.9); the final adapter is the EMA (0: the policy)
     # Flow-GRPO
@@ -175,10 +177,20 @@ class OnlineConfig:
         for name in ("old_decay", "ema_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be in [0, 1)")
+        if self.old_decay_rate < 0:
+            raise ValueError("--old_decay_rate must be ≥ 0")
 
     @property
     def max_steps(self) -> int:  # the LR schedule's length
         return self.rounds * self.steps_per_round
+
+
+def old_policy_decay(step: int, cap: float, rate: float = 0.0) -> float:
+    """The decay of NFT's old (sampling) adapter after a round that ended at optimizer step `step`:
+    `cap` throughout when `rate` is 0, else min(rate·step, cap), DiffusionNFT's schedule: fully on-policy
+    at first, the old adapter lagging the policy more as training goes on (a slower-moving anchor for
+    the implicit policies, which sit around it)."""
+    return min(rate * step, cap) if rate else cap
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,7 +511,7 @@ def main(cfg: OnlineConfig):
             for _ in range(cfg.steps_per_round):
                 scheduler.step()
         if cfg.method == "nft":
-            snapshot_adapter(peft_model, OLD, cfg.old_decay)
+            snapshot_adapter(peft_model, OLD, old_policy_decay(step, cfg.old_decay, cfg.old_decay_rate))
         elapsed += time.time() - t0
         logs = {"round/reward_mean": float(rewards.mean()), "round/accuracy": float(correct.mean()),
                 "round/zero_spread_groups": zero_spread, "round/train_items": n_items,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from align.loss import adaptive_weights, dpo_loss, group_advantages, grpo_loss, nft_loss, optimality_probability
-from align.online import dpo_pairs
+from align.online import dpo_pairs, old_policy_decay
 from base_model.sampling import euler_times, gaussian_logprob, sde_sigma, sde_solve, sde_step, solve
 
 
@@ -94,6 +94,17 @@ def test_nft_positive_samples_pull_toward_their_data_and_negatives_push_away():
     v = v_old.clone().requires_grad_(True)
     nft_loss(v, v_old, x_t, x0, t, torch.full((2,), 0.5), beta=1.0)[0].backward()
     assert v.grad.abs().max() < 1e-6
+
+
+def test_old_policy_decay_is_constant_or_ramps_to_its_cap():
+    assert old_policy_decay(0, 0.5) == old_policy_decay(10_000, 0.5) == 0.5  # no rate: the constant decay
+    assert old_policy_decay(16, 0.0) == 0.0  # the default: the old adapter is a copy of the policy
+    # DiffusionNFT's schedule, 0.001 a step up to 0.5: 16 steps a round → 0.016 after the first round
+    assert old_policy_decay(0, 0.5, 0.001) == 0.0
+    assert old_policy_decay(16, 0.5, 0.001) == pytest.approx(0.016)
+    assert old_policy_decay(320, 0.5, 0.001) == pytest.approx(0.32)
+    assert old_policy_decay(500, 0.5, 0.001) == pytest.approx(0.5)
+    assert old_policy_decay(576, 0.5, 0.001) == 0.5
 
 
 def test_grpo_loss_by_hand_and_on_policy_ratio_is_one():
