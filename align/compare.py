@@ -29,7 +29,7 @@ from base_model.cli import ArgumentParser, read_yaml
 from base_model.errors import InputError, entry_point
 from base_model.outputs import write_json, write_text
 from base_model.runs import again_flags, command, command_key, run_cached
-from reward.stats import mean_ci
+from reward.stats import group_diversity, mean_ci
 
 
 @dataclass
@@ -119,11 +119,8 @@ def judge(spec: str, split: str, n_prompts: int, k: int, best_of: int = 1, rewar
         from reward.imagetext import load as load_imagetext
 
         scorer = load_imagetext(audit_model)
-        feats = scorer.embed_images(images).view(len(scenes), k, -1)
-        cos = feats @ feats.transpose(1, 2)  # (P, k, k) of unit vectors
-        off = ~torch.eye(k, dtype=torch.bool)
         out["proxy"] = scorer(images, [s.caption for s in targets]).tolist()
-        out["diversity"] = (1 - cos[:, off]).mean(1).tolist()
+        out["diversity"] = group_diversity(scorer.embed_images(images).numpy(), k).tolist()
         out["fd"] = frechet_distance(data.images, images, scorer.model)
     if train_set is not None:
         out["copy_cos"] = train_set.nearest(images)[0].tolist()

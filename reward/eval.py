@@ -7,7 +7,9 @@ validation loss, `results.json` and `report.html`.
 A model is a spec of `base_model.adapters` (checkpoint, checkpoint+adapter, or adapter folder).
 Prompts are a shapes-world split (scenes, so the compositional scorer reports per task) or a text
 file, one prompt per line. Image j of prompt i has seed `seed + i·n_per_prompt + j` for every
-model, so images compare pairwise. The first model is the reference of the win rates.
+model, so images compare pairwise. The first model is the reference of the win rates and of the
+collapse audit: a model whose images of one prompt all look alike (mean pairwise 1 − cos of their
+thumbnail features below `--diversity_floor` × the reference's) is flagged, whatever its accuracy.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from base_model.cli import ArgumentParser, parse_with_config
 from base_model.errors import InputError, entry_point
 from base_model.outputs import check_output_dir
 from base_model.data import shapes_data, to_model_space
-from base_model.features import copy_threshold
+from base_model.features import copy_threshold, thumbnail
 from base_model.flow import validation_loss
 from base_model.formulations import as_velocity
 from base_model.sampling import GUIDANCE, SOLVER, STEPS, add_sampler_args
@@ -66,6 +68,9 @@ class EvalConfig:
     memorization_threshold: float = 0.0  # cosine ≥ this to the nearest training image is a copy; 0: the
     #                                      feature's default (base_model.features.copy_threshold)
     closest_pairs: int = 8  # per model, shown in the report
+    # mode-collapse audit: each prompt's images compared by thumbnail features (base_model.features);
+    # a model whose mean diversity falls below this × the reference's (the first model) is flagged
+    diversity_floor: float = 0.5
 
 
 def generate(spec: str, captions: list[str], cfg: EvalConfig):
@@ -114,6 +119,9 @@ def evaluate(cfg: EvalConfig) -> dict:
             per_image[name] = {"correct": correct, "explain": [j.reason for j in judged], "tasks": tasks}
         for s, v in scores.items():
             m["scores"][s] = stats.mean_ci(v, groups)
+        if k > 1:
+            div = stats.group_diversity(thumbnail(images[name]).numpy(), k)
+            m["diversity"] = stats.mean_ci(div, np.arange(len(captions)))
         if val is not None:
             m["val_loss"] = val
         per_image.setdefault(name, {})["scores"] = scores
@@ -126,6 +134,10 @@ def evaluate(cfg: EvalConfig) -> dict:
                                                                  m["memorization"]["closest"]])[1]
         out["models"][name] = m
     ref = cfg.models[0][0]
+    if "diversity" in out["models"][ref]:
+        floor = cfg.diversity_floor * out["models"][ref]["diversity"]["mean"]
+        for name, _ in cfg.models[1:]:
+            out["models"][name]["collapsed"] = out["models"][name]["diversity"]["mean"] < floor
     for name, _ in cfg.models[1:]:
         pw = {}
         for s in per_image[ref]["scores"]:
@@ -161,12 +173,16 @@ def _json(x):
 
 
 def summary_lines(out: dict) -> list[str]:
-    lines = []
+    lines, ref = [], next(iter(out["models"]), None)
     for name, m in out["models"].items():
         if "accuracy" in m:
             a = m["accuracy"]
             lines.append(f"{name}: compositional accuracy {a['mean']:.1%} [{a['ci95'][0]:.1%}, {a['ci95'][1]:.1%}]"
                          f", GenEval overall {m['geneval_overall']:.1%}")
+        if "diversity" in m:
+            d = m["diversity"]
+            lines.append(f"{name}: diversity {d['mean']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]"
+                         + (f" FLAGGED: collapsed, below {out['config']['diversity_floor']} × {ref}'s" if m.get("collapsed") else ""))
         if "memorization" in m:
             c = m["memorization"]["copy_rate"]
             lines.append(f"{name}: copies of training images {c['mean']:.1%} [{c['ci95'][0]:.1%}, {c['ci95'][1]:.1%}]"
@@ -196,6 +212,8 @@ def main(argv=None):
     ap.add_argument("--width", type=int, default=0, help="pixels; 0: each model's training resolution")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--val_images", type=int, default=256)
+    ap.add_argument("--diversity_floor", type=float, default=0.5,
+                    help="flag a model whose per-prompt diversity falls below this × the first model's (collapse)")
     ap.add_argument("--report_prompts", type=int, default=48)
     ap.add_argument("--output_dir", default="runs/eval")
     ap.add_argument("--report_to", default="none", choices=["none", "wandb"])
@@ -253,6 +271,8 @@ def flat_metrics(out: dict) -> dict[str, float]:
             put(f"{name}/{s}", d)
         if "val_loss" in m:
             flat[f"{name}/val_loss"] = m["val_loss"]["loss"]
+        if "diversity" in m:
+            put(f"{name}/diversity", m["diversity"])
         if "memorization" in m:
             put(f"{name}/copy_rate", m["memorization"]["copy_rate"])
     for key, pw in out["pairwise"].items():

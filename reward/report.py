@@ -116,7 +116,7 @@ def write_report(out: dict, images: dict, per_image: dict, captions: list[str], 
              f"{cfg.steps} {cfg.solver} steps, guidance {cfg.guidance}. Models: "
              + ", ".join(f"<b>{e(n)}</b> = <code>{e(s)}</code>" for n, s in cfg.models) + "</p>"]
     head = "<tr><th>model</th>" + ("<th>accuracy</th><th>GenEval overall</th>" if "compositional" in scorers else "")
-    head += "".join(f"<th>{e(s)}</th>" for s in scorers) + "<th>val loss</th></tr>"
+    head += "".join(f"<th>{e(s)}</th>" for s in scorers) + "<th>val loss</th><th>diversity</th></tr>"
     rows = []
     for n in names:
         m = out["models"][n]
@@ -125,8 +125,12 @@ def write_report(out: dict, images: dict, per_image: dict, captions: list[str], 
             cells += [_ci(m["accuracy"]), f"{m['geneval_overall']:.1%}"]
         cells += [_ci(m["scores"][s], pct=False) for s in scorers]
         cells.append(f"{m['val_loss']['loss']:.4f}" if "val_loss" in m else "–")
+        cells.append((_ci(m["diversity"], pct=False) + (" <b>collapsed</b>" if m.get("collapsed") else ""))
+                     if "diversity" in m else "–")
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    parts.append("<h2>Metrics (95% bootstrap CI over prompts)</h2><table>" + head + "".join(rows) + "</table>")
+    parts.append("<h2>Metrics (95% bootstrap CI over prompts)</h2><table>" + head + "".join(rows) + "</table>"
+                 "<p>diversity: the mean pairwise 1 − cos of the thumbnail features of each prompt's images; a model "
+                 f"below {cfg.diversity_floor} × the first model's is <b>collapsed</b>: its accuracy is not a gain.</p>")
     if out["pairwise"]:
         prow = []
         for key, pw in out["pairwise"].items():

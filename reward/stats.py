@@ -66,6 +66,19 @@ def paired_diff(a, b, groups=None, **kw) -> dict:
     return {"diff": out["mean"], "ci95": out["ci95"], "n": out["n"]}
 
 
+def group_diversity(features, k: int) -> np.ndarray:
+    """Per-prompt diversity: the mean pairwise 1 − cos between the k images of each prompt. `features`
+    (P·k, D) are unit vectors, a prompt's k images consecutive; returns (P,). 0 when every image of
+    a prompt is the same (mode collapse)."""
+    f = np.asarray(features, dtype=np.float64)
+    if k < 2 or len(f) % k:
+        raise ValueError(f"group_diversity needs k ≥ 2 images per prompt and a multiple of k rows, got {len(f)} rows, k={k}")
+    f = f.reshape(-1, k, f.shape[-1])
+    cos = f @ f.transpose(0, 2, 1)  # (P, k, k)
+    off = ~np.eye(k, dtype=bool)
+    return (1 - cos[:, off]).mean(1)
+
+
 def outcome_win_rate(outcomes, groups=None, **kw) -> dict:
     """Win rate of B over A from outcomes coded 1 (B wins), 0.5 (tie), 0 (A wins), e.g. human
     votes. win_rate = (W + T/2) / N with a bootstrap interval; sign_test_p is the two-sided

@@ -35,6 +35,7 @@ def test_demo_pipeline_small(tmp_path, capsys, monkeypatch):
     summary = (out / "summary.txt").read_text()
     accuracies = dict(re.findall(r"(base|nft|raft)\s+compositional accuracy\s+([\d.]+)%", summary))
     assert set(accuracies) == {"base", "nft", "raft"}
+    assert len(re.findall(r"GenEval overall [\d.]+%\s+diversity \d\.\d\d", summary)) == 3  # the collapse audit
     assert re.search(r"nft_vs_base\s+Δ accuracy [+-][\d.]+% \[", summary)
     times = json.load(open(out / "stage_times.json"))
     assert set(times) == set(demo.STAGES) and all(t > 0 for t in times.values())

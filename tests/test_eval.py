@@ -51,6 +51,30 @@ def test_eval_writes_results_and_a_report_whose_images_load(two, tmp_path, chrom
     assert "GenEval overall" in page.inner_text("body")
 
 
+def test_a_model_whose_images_of_a_prompt_all_match_is_flagged_collapsed(two, tmp_path, monkeypatch):
+    """The collapse audit: one image per prompt repeated k times (what RAFT's demo run drew) has diversity 0 and is
+    flagged, whatever its accuracy; a model with distinct images per prompt is not."""
+    a, _ = two
+    fresh = reval.generate
+
+    def generate(spec, captions, cfg):
+        images, val = fresh(a if spec == "collapsed" else spec, captions, cfg)
+        if spec == "collapsed":
+            images = images[::cfg.n_per_prompt].repeat_interleave(cfg.n_per_prompt, 0)
+        return images, val
+
+    monkeypatch.setattr(reval, "generate", generate)
+    cfg = reval.EvalConfig(models=[("base", a), ("same", a), ("flat", "collapsed")], n_prompts=4, n_per_prompt=3,
+                           steps=2, val_images=0, output_dir=str(tmp_path))
+    out = reval.evaluate(cfg)
+    div = {n: m["diversity"]["mean"] for n, m in out["models"].items()}
+    assert div["base"] > 0.05 and div["same"] == pytest.approx(div["base"]) and div["flat"] == pytest.approx(0, abs=1e-6)
+    assert out["models"]["same"]["collapsed"] is False and out["models"]["flat"]["collapsed"] is True
+    assert "collapsed" not in out["models"]["base"]
+    assert any("flat: diversity 0.000" in line and "FLAGGED: collapsed" in line for line in reval.summary_lines(out))
+    assert "<b>collapsed</b>" in (tmp_path / "report.html").read_text()
+
+
 def test_same_seeds_give_the_same_images_for_the_same_model(two, tmp_path):
     a, _ = two
     cfg = reval.EvalConfig(models=[("x", a)], n_prompts=3, n_per_prompt=2, steps=2, val_images=0)

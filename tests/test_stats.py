@@ -8,6 +8,7 @@ from reward.stats import (
     bradley_terry,
     bradley_terry_ci,
     fleiss_kappa,
+    group_diversity,
     krippendorff_alpha_nominal,
     mean_ci,
     outcome_win_rate,
@@ -16,6 +17,21 @@ from reward.stats import (
 )
 
 nan = np.nan
+
+
+# --- diversity ---------------------------------------------------------------------------------
+
+
+def test_group_diversity_by_hand():
+    e1, e2, d = [1.0, 0.0], [0.0, 1.0], [0.6, 0.8]
+    # prompt 0: three copies of one image (collapse); prompt 1: two orthogonal images and one at cos 0.6
+    # and 0.8 to them: pairwise 1 − cos = 1, 0.4, 0.2 → mean 1.6/3
+    div = group_diversity(np.array([e1, e1, e1, e1, e2, d]), k=3)
+    assert div == pytest.approx([0.0, 1.6 / 3])
+    with pytest.raises(ValueError, match="k ≥ 2"):
+        group_diversity(np.eye(3), k=1)
+    with pytest.raises(ValueError, match="multiple of k"):
+        group_diversity(np.eye(3), k=2)
 
 
 # --- bootstrap ---------------------------------------------------------------------------------
