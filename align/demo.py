@@ -53,7 +53,8 @@ def summary(out: str, times: dict) -> list[str]:
     for name, m in res["models"].items():
         a = m["accuracy"]
         lines.append(f"  {name:5s} compositional accuracy {a['mean']:6.1%}  95% CI [{a['ci95'][0]:.1%}, {a['ci95'][1]:.1%}]"
-                     f"   GenEval overall {m['geneval_overall']:.1%}   diversity {m['diversity']['mean']:.2f}"
+                     f"   GenEval overall {m['geneval_overall']:.1%}"
+                     + (f"   diversity {m['diversity']['mean']:.2f}" if "diversity" in m else "")
                      + ("  FLAGGED: collapsed" if m.get("collapsed") else ""))
     for key, pw in res["pairwise"].items():
         d, w = pw["accuracy_diff"], pw["compositional"]
