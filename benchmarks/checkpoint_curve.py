@@ -60,7 +60,7 @@ def main():
             folder = policy_adapter(os.path.join(args.run, f"checkpoint-{r}"), final, os.path.join(tmp, str(r)))
             rows.append({"round": r, "accuracy": accuracy(f"{args.base}+{folder}", args.split, n, k)})
             print(f"| {r} | {rows[-1]['accuracy']:.1f}% | {rows[-1]['accuracy'] - base:+.1f} |", flush=True)
-    with open(os.path.join(final, "..", "log.jsonl")) as f:
+    with open(os.path.join(args.run, "log.jsonl")) as f:
         last = max(json.loads(line).get("round", 0) for line in f if line.strip())
     if last not in rounds:
         rows.append({"round": last, "accuracy": accuracy(f"{args.base}+{final}", args.split, n, k)})

@@ -120,8 +120,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         for s, v in scores.items():
             m["scores"][s] = stats.mean_ci(v, groups)
         if k > 1:
-            div = stats.group_diversity(thumbnail(images[name]).numpy(), k)
-            m["diversity"] = stats.mean_ci(div, np.arange(len(captions)))
+            m["diversity"] = stats.mean_ci(stats.group_diversity(thumbnail(images[name]).numpy(), k))  # one value a prompt
         if val is not None:
             m["val_loss"] = val
         per_image.setdefault(name, {})["scores"] = scores
