@@ -149,6 +149,23 @@ def test_resume_gives_the_uninterrupted_run(base, tmp_path):
                           forward(load_model(str(tmp_path / "part" / "final"))), atol=1e-6)
 
 
+def test_a_compiled_run_is_the_eager_run(base, tmp_path):
+    """--torch_compile traces the model through peft's adapters, the merged rollouts and the backward
+    (aot_eager: inductor's tracing, torch's kernels; benchmarks/compile_round.py measures inductor's)."""
+    from torch._dynamo.utils import counters
+
+    flags = ["--method", "nft", "--steps_per_round", "1"]
+    eager = logged(run(base, tmp_path / "eager", *flags))
+    counters.clear()
+    compiled = logged(run(base, tmp_path / "compiled", *flags, "--torch_compile", "--torch_compile_backend",
+                          "aot_eager"))
+    assert counters["stats"]["unique_graphs"] >= 3  # rollout, old-policy and training forwards at least
+    for r in (1, 2):  # round 2 samples from the policy the compiled step trained
+        assert compiled[r]["round/reward_mean"] == pytest.approx(eager[r]["round/reward_mean"], rel=1e-4)
+        assert compiled[r]["train/loss"] == pytest.approx(eager[r]["train/loss"], rel=1e-4)
+    assert eager[2]["round/reward_mean"] != eager[1]["round/reward_mean"]
+
+
 def test_prompt_embeddings_come_from_the_cache_and_a_full_cache_loads_no_text_encoder(base, tmp_path, monkeypatch):
     """The pool's text table is built on first use under --cache_dir; a second run reads it without
     loading a text encoder and trains the same."""
