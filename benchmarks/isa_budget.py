@@ -37,7 +37,10 @@ def timed_run(env_extra: dict, args, out: str) -> dict:
     for kv in args.flags:
         k, v = kv.split("=", 1)
         cmd += [f"--{k}", v]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads), **env_extra}
+    # its own inductor cache (--torch_compile): the capped run must not read kernels compiled for the full instruction
+    # set (one run that shared a cache had its loss turn NaN at step 8), and each pays a fresh machine's compile
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "TORCHINDUCTOR_CACHE_DIR": out + "-inductor-cache", **env_extra}
     t0 = time.time()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
     wall = time.time() - t0
