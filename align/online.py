@@ -149,8 +149,8 @@ class OnlineConfig:
     mixed_precision: str = "no"
     torch_compile: bool = False  # torch.compile the model (as transformers' TrainingArguments.torch_compile): every
     #                              forward of the rollouts, the training steps and the grids runs compiled. Compiling
-    #                              costs about 2 min once per machine (inductor's cache keeps it); then a round of the
-    #                              toy preset is about 1.4× faster on 2 CPU cores (benchmarks/compile_round.py)
+    #                              costs about 2.5 min the first time on a machine (inductor's cache keeps it); then a
+    #                              round of the toy preset is about 1.3× faster on 2 CPU cores (compile_round.py)
     torch_compile_backend: str = "inductor"  # "aot_eager": traced as inductor would be, run by torch's kernels (tests)
     # logging, checkpoints
     output_dir: str = "runs/online"
