@@ -19,6 +19,7 @@ import torch
 
 from align.lora import add_lora, merged
 from align.online import OnlineConfig
+from base_model.flow import interpolate, velocity_target
 from base_model.mmdit import MMDiT, preset
 from base_model.sampling import sample
 
@@ -68,11 +69,11 @@ def main():
             g = torch.Generator().manual_seed(0)
             for _ in range(16):
                 t, noise = torch.rand(64, generator=g), torch.randn(x0.shape, generator=g)
-                x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+                x_t = interpolate(x0, noise, t)
                 with merged(model, "default"):
                     v_old = net(x_t, t, cc, pp)
                 base.train()
-                loss = (net(x_t, t, cc, pp) - v_old - (noise - x0)).pow(2).mean()
+                loss = (net(x_t, t, cc, pp) - v_old - velocity_target(x0, noise)).pow(2).mean()
                 loss.backward()
                 base.eval()
                 for p in params:
