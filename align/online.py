@@ -39,6 +39,7 @@ elapsed seconds), `samples/step-R.png` (R = the round).
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import time
@@ -147,16 +148,20 @@ class OnlineConfig:
     per_device_train_batch_size: int = 32  # samples (pairs for dpo, transitions for grpo)
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
-    torch_compile: bool = False  # torch.compile the model (as transformers' TrainingArguments.torch_compile): every
-    #                              forward of the rollouts, the training steps and the grids runs compiled. Compiling
-    #                              costs about 2.5 min the first time on a machine (inductor's cache keeps it); then a
-    #                              round of the toy preset is about 1.3× faster on 2 CPU cores (compile_round.py)
+    torch_compile: bool = False  # torch.compile the model (as transformers' TrainingArguments.torch_compile): the
+    #                              rollouts and the training steps run compiled (the grids eager: their batch would
+    #                              compile graphs of its own). A round of the toy preset is about 1.3× faster on 2 CPU
+    #                              cores, after a compile of about 1.5 min the first time on a machine (inductor's cache
+    #                              keeps it; benchmarks/compile_round.py)
     torch_compile_backend: str = "inductor"  # "aot_eager": traced as inductor would be, run by torch's kernels (tests)
+    torch_compile_training: bool = True  # false: only the rollouts compile; the training steps' graphs (forward and
+    #                                      backward, about 70 s of the compile) cost more than they save in a short run
     # logging, checkpoints
     output_dir: str = "runs/online"
     save_rounds: int = 5  # a checkpoint every N rounds (and at the end)
     save_total_limit: int = 2
-    num_samples: int = 16  # the per-round sample grid
+    num_samples: int = 16  # the sample grid's images
+    grid_rounds: int = 1  # a sample grid every N rounds and after the last (as diffusers' --validation_epochs)
     report_to: str = "wandb"
     resume_from_checkpoint: str = ""  # "latest" or a checkpoint folder
     overwrite_output_dir: bool = False  # replace a finished run in output_dir (as in transformers)
@@ -170,7 +175,8 @@ class OnlineConfig:
                    "prompt_pool": ("scenes", "distinct", "tasks"), "dpo_error_weight": ("none", "adaptive"),
                    "torch_compile_backend": ("inductor", "aot_eager", "eager")}
         check_fields(self, choices, ("prompts_per_round", "rounds", "steps_per_round", "per_device_train_batch_size",
-                                     "lora_r", "sample_steps", "grpo_steps", "save_rounds", "ptx_batch_size"))
+                                     "lora_r", "sample_steps", "grpo_steps", "save_rounds", "ptx_batch_size",
+                                     "grid_rounds"))
         if self.k < 2:
             raise ValueError("--k must be ≥ 2: the signal is relative within a group")
         if self.reward_weights and len(self.reward_weights) != len(self.reward):
@@ -485,35 +491,36 @@ def main(cfg: OnlineConfig):
         n_items = build_signal(buf, cfg, rewards, adv, traj, gather_object)
         metrics_sum: dict[str, float] = {}
         if n_items:
-            if cfg.method == "grpo":
-                buf["old_logp"] = old_logprobs(model, buf, n_items, cfg.steps_per_round, B * world,
-                                               slice(rank * B, (rank + 1) * B), seed * 7919 + round_, cfg.guidance)
-            order = DataOrder(n_items, seed * 7919 + round_)
-            model.train()
-            use_ref = cfg.method == "dpo" and cfg.ref_update_steps > 0
-            for s in range(cfg.steps_per_round):
-                idx = order.indices(s * B * world, B * world)
-                gen = step_generator(seed, step, 0)
-                with accelerator.accumulate(model):
-                    loss, metrics = step_loss(model, peft_model, cfg, buf, idx, gen, slice(rank * B, (rank + 1) * B),
-                                              use_ref)
-                    if ptx is not None:  # drawn after the method's draws: those stay the same with or without it
-                        ptx_term = ptx_loss(model, ptx, texts, cfg, gen, world, rank)
-                        loss = loss + cfg.ptx_weight * ptx_term
-                        metrics = {**metrics, "loss": loss.detach(), "ptx_loss": ptx_term.detach()}
-                    accelerator.backward(loss)
-                    clip_and_step(accelerator, model, optimizer, cfg.max_grad_norm)
-                scheduler.step()
-                step += 1
-                for k, v in metrics.items():
-                    metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / cfg.steps_per_round
-                if use_ref and step % cfg.ref_update_steps == 0:
-                    snapshot_adapter(peft_model, REF)
-                if cfg.ema_decay:
-                    snapshot_adapter(peft_model, EMA, min((1 + step) / (10 + step), cfg.ema_decay))
-            reduced = accelerator.reduce(torch.tensor(list(metrics_sum.values())), "mean")
-            metrics_sum = dict(zip(metrics_sum, reduced.tolist()))
-            check_finite(metrics_sum["loss"], step, last_ckpt)
+            with eager(cfg.torch_compile and not cfg.torch_compile_training):
+                if cfg.method == "grpo":
+                    buf["old_logp"] = old_logprobs(model, buf, n_items, cfg.steps_per_round, B * world,
+                                                   slice(rank * B, (rank + 1) * B), seed * 7919 + round_, cfg.guidance)
+                order = DataOrder(n_items, seed * 7919 + round_)
+                model.train()
+                use_ref = cfg.method == "dpo" and cfg.ref_update_steps > 0
+                for s in range(cfg.steps_per_round):
+                    idx = order.indices(s * B * world, B * world)
+                    gen = step_generator(seed, step, 0)
+                    with accelerator.accumulate(model):
+                        loss, metrics = step_loss(model, peft_model, cfg, buf, idx, gen, slice(rank * B, (rank + 1) * B),
+                                                  use_ref)
+                        if ptx is not None:  # drawn after the method's draws: those stay the same with or without it
+                            ptx_term = ptx_loss(model, ptx, texts, cfg, gen, world, rank)
+                            loss = loss + cfg.ptx_weight * ptx_term
+                            metrics = {**metrics, "loss": loss.detach(), "ptx_loss": ptx_term.detach()}
+                        accelerator.backward(loss)
+                        clip_and_step(accelerator, model, optimizer, cfg.max_grad_norm)
+                    scheduler.step()
+                    step += 1
+                    for k, v in metrics.items():
+                        metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / cfg.steps_per_round
+                    if use_ref and step % cfg.ref_update_steps == 0:
+                        snapshot_adapter(peft_model, REF)
+                    if cfg.ema_decay:
+                        snapshot_adapter(peft_model, EMA, min((1 + step) / (10 + step), cfg.ema_decay))
+                reduced = accelerator.reduce(torch.tensor(list(metrics_sum.values())), "mean")
+                metrics_sum = dict(zip(metrics_sum, reduced.tolist()))
+                check_finite(metrics_sum["loss"], step, last_ckpt)
         else:
             step += cfg.steps_per_round  # nothing to learn from this round: the schedule moves on
             for _ in range(cfg.steps_per_round):
@@ -530,7 +537,9 @@ def main(cfg: OnlineConfig):
         accelerator.log(logs, step=done)
         append_log(cfg.output_dir, accelerator, {"round": done, "step": step, **logs})
         bar.set_postfix(reward=f"{logs['round/reward_mean']:.3f}", zero=f"{zero_spread:.2f}")
-        sample_grid(policy, grid_cond, cfg, accelerator, done)
+        if done % cfg.grid_rounds == 0 or done == cfg.rounds:
+            with eager():  # 16 images: a compile of their own would cost more than it saves
+                sample_grid(policy, grid_cond, cfg, accelerator, done)
         if done % cfg.save_rounds == 0 or done == cfg.rounds:
             last_ckpt = save_checkpoint(accelerator, cfg.output_dir, done, cfg.save_total_limit,
                                         {"round": done, "step": step, "reward_calls": reward_calls,
@@ -541,6 +550,11 @@ def main(cfg: OnlineConfig):
     save_adapter(accelerator, model, os.path.join(cfg.output_dir, "final"), cfg.base, base_sha,
                  {"online_config": asdict(cfg), "reward_calls": reward_calls, "train_seconds": elapsed})
     accelerator.end_training()
+
+
+def eager(on: bool = True):
+    """A block in which a compiled model runs its eager forward (torch.compiler.set_stance)."""
+    return torch.compiler.set_stance("force_eager") if on else contextlib.nullcontext()
 
 
 def build_signal(buf: dict, cfg: OnlineConfig, rewards, adv, traj, gather_object) -> int:

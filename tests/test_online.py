@@ -151,7 +151,8 @@ def test_resume_gives_the_uninterrupted_run(base, tmp_path):
 
 def test_a_compiled_run_is_the_eager_run(base, tmp_path):
     """--torch_compile traces the model through peft's adapters, the merged rollouts and the backward
-    (aot_eager: inductor's tracing, torch's kernels; benchmarks/compile_round.py measures inductor's)."""
+    (aot_eager: inductor's tracing, torch's kernels; benchmarks/compile_round.py measures inductor's);
+    --torch_compile_training false compiles the rollouts only."""
     from torch._dynamo.utils import counters
 
     flags = ["--method", "nft", "--steps_per_round", "1"]
@@ -159,10 +160,18 @@ def test_a_compiled_run_is_the_eager_run(base, tmp_path):
     counters.clear()
     compiled = logged(run(base, tmp_path / "compiled", *flags, "--torch_compile", "--torch_compile_backend",
                           "aot_eager"))
-    assert counters["stats"]["unique_graphs"] >= 3  # rollout, old-policy and training forwards at least
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 3  # rollout, old-policy and training forwards at least
+    torch._dynamo.reset()  # forget the graphs (a new model would reuse them) and count afresh
+    counters.clear()
+    rollouts_only = logged(run(base, tmp_path / "rollouts", *flags, "--torch_compile", "--torch_compile_backend",
+                               "aot_eager", "--torch_compile_training", "false", "--grid_rounds", "5"))
+    assert 1 <= counters["stats"]["unique_graphs"] < graphs  # the training steps ran eager
+    assert os.listdir(tmp_path / "rollouts" / "samples") == ["step-000002.png"]  # a grid after the last round only
     for r in (1, 2):  # round 2 samples from the policy the compiled step trained
-        assert compiled[r]["round/reward_mean"] == pytest.approx(eager[r]["round/reward_mean"], rel=1e-4)
-        assert compiled[r]["train/loss"] == pytest.approx(eager[r]["train/loss"], rel=1e-4)
+        for run_ in (compiled, rollouts_only):
+            assert run_[r]["round/reward_mean"] == pytest.approx(eager[r]["round/reward_mean"], rel=1e-4)
+            assert run_[r]["train/loss"] == pytest.approx(eager[r]["train/loss"], rel=1e-4)
     assert eager[2]["round/reward_mean"] != eager[1]["round/reward_mean"]
 
 
