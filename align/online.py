@@ -502,8 +502,8 @@ def main(cfg: OnlineConfig):
                     idx = order.indices(s * B * world, B * world)
                     gen = step_generator(seed, step, 0)
                     with accelerator.accumulate(model):
-                        loss, metrics = step_loss(model, peft_model, cfg, buf, idx, gen, slice(rank * B, (rank + 1) * B),
-                                                  use_ref)
+                        loss, metrics = step_loss(model, peft_model, cfg, buf, idx, gen,
+                                                  slice(rank * B, (rank + 1) * B), use_ref)
                         if ptx is not None:  # drawn after the method's draws: those stay the same with or without it
                             ptx_term = ptx_loss(model, ptx, texts, cfg, gen, world, rank)
                             loss = loss + cfg.ptx_weight * ptx_term
