@@ -157,6 +157,30 @@ def pooled_gain_ci(diffs: list[np.ndarray], n_boot: int = 2000, seed: int = 0) -
             "per_base": [float(d.mean()) for d in diffs], "per_seed": [[float(x.mean()) for x in d] for d in diffs]}
 
 
+def task_gain_ci(base: np.ndarray, runs: list[np.ndarray], tasks: list[str], k: int, n_boot: int = 2000,
+                 seed: int = 0) -> dict:
+    """GenEval's overall score, the unweighted mean of the task accuracies (the unit of the anchors' reports),
+    as a gain over the base: mean over seeds of the mean over tasks of each task's gain. 95% bootstrap CI that
+    resamples seeds, then prompts within each task (every task stays in every draw; paired with the base).
+    Also each task's own gain and CI (`tasks`)."""
+    diffs = prompt_gains(base, runs, k)  # (seeds, prompts)
+    prompt_task = np.array(tasks[::k])
+    names = [t for t in dict.fromkeys(prompt_task.tolist())]
+    cols = {t: np.flatnonzero(prompt_task == t) for t in names}
+    rng = np.random.default_rng(seed)
+    boots, per_task = [], {t: [] for t in names}
+    for _ in range(n_boot):
+        seeds = rng.integers(len(diffs), size=len(diffs))
+        for t, c in cols.items():
+            per_task[t].append(diffs[seeds][:, rng.choice(c, size=len(c))].mean())
+        boots.append(np.mean([per_task[t][-1] for t in names]))
+    ci = lambda b: [float(x) for x in np.percentile(b, [2.5, 97.5])]  # noqa: E731
+    by_seed = np.stack([diffs[:, c].mean(1) for c in cols.values()]).mean(0)  # (seeds,)
+    return {"mean": float(by_seed.mean()), "ci95": ci(boots), "per_seed": [float(x) for x in by_seed],
+            "tasks": {t: {"gain": float(diffs[:, c].mean()), "ci95": ci(per_task[t]), "prompts": int(len(c))}
+                      for t, c in cols.items()}}
+
+
 # ---------------------------------------------------------------------------------------------
 # The driver
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +250,7 @@ def main(argv=None):
                           lambda: again_flags(folder), tag="compare")
 
     results = {"config": asdict(cfg), "base": {s: float(v.mean()) for s, v in base.items()},
+               "base_geneval": {s: geneval_overall(base[s], j["task"]) for s, j in base_judged.items()},
                "methods": kept_methods(os.path.join(out, f"{cfg.name}.json"), cfg) if args.methods else {},
                "base_audit": {s: audit_summary([j], k, copy_at) for s, j in base_judged.items()} if audit else {}}
     if train_set is not None:  # the reference: how many fresh renders of the same scenes are "copies"
@@ -254,7 +279,10 @@ def main(argv=None):
                              for seed in cfg.seeds] for s in cfg.splits}
         for s, runs_judged in per_split.items():
             arrays = [np.array(j["correct"]) for j in runs_judged]
-            entry["splits"][s] = {"accuracy": float(np.mean(arrays)), "gain": gain_ci(base[s], arrays, k)}
+            entry["splits"][s] = {"accuracy": float(np.mean(arrays)), "gain": gain_ci(base[s], arrays, k),
+                                  "geneval": {"overall": float(np.mean([geneval_overall(a, runs_judged[0]["task"])
+                                                                        for a in arrays])),
+                                              "gain": task_gain_ci(base[s], arrays, runs_judged[0]["task"], k)}}
             if audit:
                 a = audit_summary(runs_judged, k, copy_at)
                 b = results["base_audit"][s]
@@ -287,6 +315,12 @@ def kept_methods(path: str, cfg: CompareConfig) -> dict:
     if any(earlier.get("config", {}).get(key) != getattr(cfg, key) for key in same):
         return {}
     return {m: row for m, row in earlier.get("methods", {}).items() if m in cfg.methods}
+
+
+def geneval_overall(correct: np.ndarray, tasks: list[str]) -> float:
+    """The unweighted mean of the task accuracies (GenEval's "overall"), from per-image verdicts."""
+    tasks = np.asarray(tasks)
+    return float(np.mean([correct[tasks == t].mean() for t in dict.fromkeys(tasks.tolist())]))
 
 
 def audit_summary(judged_runs: list[dict], k: int, copy_at: float) -> dict:
@@ -329,6 +363,7 @@ def table(results: dict) -> list[str]:
                          f"{g['ci95'][1] * 100:+.1f}]")
         label = name + (f" cfg{e['guidance']:g}" if e.get("guidance") is not None else "")
         lines.append(f"{label:14s} {e['reward_calls']:12.0f} {e['train_seconds']:8.0f} " + " ".join(f"{c:>34s}" for c in cells))
+    lines += geneval_table(results)
     if results.get("base_audit"):
         s = splits[0]
         b = results["base_audit"][s]
@@ -347,6 +382,30 @@ def table(results: dict) -> list[str]:
                 lines.append(f"{name:14s} proxy {a['proxy']:6.2f} ({a['proxy_gain']:+.2f})  diversity {a['diversity']:.3f}  "
                              f"FD {a['fd']:.3f}  strict {a['strict']:.1%} ({a['strict_gain'] * 100:+.1f}){_copies(a)}  "
                              f"{'FLAGGED: ' + '; '.join(a['flags']) if a['flags'] else 'ok'}")
+    return lines
+
+
+def geneval_table(results: dict) -> list[str]:
+    """GenEval's overall (the unweighted mean of the task accuracies) per split, and each task's gain on the first."""
+    splits, rows = results["config"]["splits"], results["methods"]
+    have = {n: e for n, e in rows.items() if all("geneval" in e["splits"][s] for s in splits)}
+    if not have or "base_geneval" not in results:
+        return []
+    tasks = list(next(iter(have.values()))["splits"][splits[0]]["geneval"]["gain"]["tasks"])
+    lines = ["", f"GenEval overall = the unweighted mean of the task accuracies (the anchors' unit); task columns: "
+                 f"the gain on {splits[0]} (points)",
+             f"{'method':14s} " + " ".join(f"{s + ' overall gain [95% CI]':>36s}" for s in splits) + " "
+             + " ".join(f"{t:>13s}" for t in tasks),
+             f"{'base':14s} " + " ".join(f"{'overall ' + format(results['base_geneval'][s], '.1%'):>36s}" for s in splits)]
+    for name, e in have.items():
+        cells = []
+        for s in splits:
+            g = e["splits"][s]["geneval"]
+            cells.append(f"{g['overall']:.1%} {g['gain']['mean'] * 100:+.1f} [{g['gain']['ci95'][0] * 100:+.1f}, "
+                         f"{g['gain']['ci95'][1] * 100:+.1f}]")
+        per_task = e["splits"][splits[0]]["geneval"]["gain"]["tasks"]
+        lines.append(f"{name:14s} " + " ".join(f"{c:>36s}" for c in cells) + " "
+                     + " ".join(f"{per_task[t]['gain'] * 100:+13.1f}" for t in tasks))
     return lines
 
 

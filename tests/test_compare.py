@@ -42,6 +42,18 @@ def test_pooled_gain_ci_by_hand():
     assert compare.pooled_gain_ci([diffs])["ci95"] == one["ci95"]
 
 
+def test_geneval_overall_gain_by_hand():
+    # k = 2; prompts 0 and 1 are task a, prompt 2 task b. The run gets prompts 0 and 2 right, the base nothing:
+    # task a gains 0.5, task b 1, overall (the unweighted task mean) 0.75 where the per-image mean is 2/3
+    tasks, base, run = ["a"] * 4 + ["b"] * 2, np.zeros(6), np.array([1.0, 1, 0, 0, 1, 1])
+    assert compare.geneval_overall(run, tasks) == 0.75 and compare.gain_ci(base, [run], k=2)["mean"] == 2 / 3
+    g = compare.task_gain_ci(base, [run, run], tasks, k=2)
+    assert g["mean"] == 0.75 and g["per_seed"] == [0.75, 0.75]
+    assert g["ci95"] == [0.5, 1.0]  # task a's two prompts resampled: 0, 0.5 or 1; task b always 1
+    assert g["tasks"]["a"] == {"gain": 0.5, "ci95": [0.0, 1.0], "prompts": 2}
+    assert g["tasks"]["b"] == {"gain": 1.0, "ci95": [1.0, 1.0], "prompts": 1}
+
+
 def test_audit_copies_by_hand():
     run = {"proxy": [1.0], "diversity": [0.5], "fd": 0.1, "strict": [1.0]}
     a = compare.audit_summary([{**run, "copy_cos": [0.95, 0.2, 0.1, 0.1]}, {**run, "copy_cos": [0.9, 0.9, 0.0, 0.0]}],
@@ -85,6 +97,9 @@ def test_compare_runs_seeds_caches_and_audits(tmp_path, monkeypatch):
     raft, bon = res["methods"]["raft"], res["methods"]["bon"]
     assert raft["reward_calls"] == 4 and len(raft["splits"]["val"]["gain"]["per_seed"]) == 2
     assert bon["best_of"] == 2  # 4 reward calls over 6 images → at least 2 candidates each
+    overall = raft["splits"]["val"]["geneval"]
+    assert 0 <= overall["overall"] <= 1 and set(overall["gain"]["tasks"]) <= {"single_object", "two_object", "counting",
+                                                                                 "colors", "position", "color_attr"}
     audit_row = raft["splits"]["val"]["audit"]
     assert {"proxy", "diversity", "fd", "flags", "proxy_gain"} <= set(audit_row) and audit_row["fd"] >= 0
     assert audit_row["copies"]["n"] == 2 * 3 * 2 and 0 <= audit_row["copies"]["mean"] <= 1  # seeds × prompts × k
