@@ -11,7 +11,8 @@ checker on the same prompts and seeds (image j of prompt i has seed i·k + j) of
 Runs are cached: a run whose folder holds `result.json` for the same command is not run again, so
 the comparison resumes where it stopped. Writes `compare.json` (per method and split: mean accuracy,
 the gain over the base with a 95% CI from a bootstrap over seeds and prompts, reward calls, training
-seconds) and `compare.html` (the table and plots of accuracy against reward calls and wall time).
+seconds; GenEval's overall, the unweighted mean of the task accuracies, and each task's gain, with CIs) and
+`compare.html` (the tables and plots of accuracy against reward calls and wall time).
 Settings are tuned on `val` only; the reported splits are never used to choose them.
 """
 
@@ -165,7 +166,7 @@ def task_gain_ci(base: np.ndarray, runs: list[np.ndarray], tasks: list[str], k: 
     Also each task's own gain and CI (`tasks`)."""
     diffs = prompt_gains(base, runs, k)  # (seeds, prompts)
     prompt_task = np.array(tasks[::k])
-    names = [t for t in dict.fromkeys(prompt_task.tolist())]
+    names = list(dict.fromkeys(prompt_task.tolist()))
     cols = {t: np.flatnonzero(prompt_task == t) for t in names}
     rng = np.random.default_rng(seed)
     boots, per_task = [], {t: [] for t in names}
@@ -174,10 +175,9 @@ def task_gain_ci(base: np.ndarray, runs: list[np.ndarray], tasks: list[str], k: 
         for t, c in cols.items():
             per_task[t].append(diffs[seeds][:, rng.choice(c, size=len(c))].mean())
         boots.append(np.mean([per_task[t][-1] for t in names]))
-    ci = lambda b: [float(x) for x in np.percentile(b, [2.5, 97.5])]  # noqa: E731
     by_seed = np.stack([diffs[:, c].mean(1) for c in cols.values()]).mean(0)  # (seeds,)
-    return {"mean": float(by_seed.mean()), "ci95": ci(boots), "per_seed": [float(x) for x in by_seed],
-            "tasks": {t: {"gain": float(diffs[:, c].mean()), "ci95": ci(per_task[t]), "prompts": int(len(c))}
+    return {"mean": float(by_seed.mean()), "ci95": _ci95(boots), "per_seed": [float(x) for x in by_seed],
+            "tasks": {t: {"gain": float(diffs[:, c].mean()), "ci95": _ci95(per_task[t]), "prompts": int(len(c))}
                       for t, c in cols.items()}}
 
 
@@ -315,6 +315,10 @@ def kept_methods(path: str, cfg: CompareConfig) -> dict:
     if any(earlier.get("config", {}).get(key) != getattr(cfg, key) for key in same):
         return {}
     return {m: row for m, row in earlier.get("methods", {}).items() if m in cfg.methods}
+
+
+def _ci95(boots) -> list[float]:
+    return [float(x) for x in np.percentile(boots, [2.5, 97.5])]
 
 
 def geneval_overall(correct: np.ndarray, tasks: list[str]) -> float:
