@@ -5,8 +5,10 @@
 For each model spec (as every `--model` flag takes it), the first `--n_prompts` position prompts of a
 shapes-world split × `--n_per_prompt` images (the comparison's sampler: 5 midpoint steps, CFG 2), each
 judged by the compositional checker and tallied: correct; "relation only" (both objects right, the
-relation wrong); "objects" (a requested object missing or wrong, whatever the relation). The last column
-is the share of images with both objects right whose relation holds.
+relation wrong); "objects" (a requested object missing or wrong, whatever the relation). Then the share of
+images with both objects right whose relation holds, and the mean over those images of how far the first object
+sits toward the asked side of the second (`relation_reward.toward`: the shrunk, normalised centre offset along
+the asked direction, in [-1, 1]; the relation holds above 0.5): near 0 when the model ignores the relation word.
 """
 
 import argparse
@@ -17,6 +19,7 @@ import torch
 from base_model.adapters import load
 from base_model.sources import read_prompts
 from reward import compositional
+from relation_reward import toward
 
 
 def main():
@@ -35,19 +38,24 @@ def main():
     caps = [c for c, _ in position for _ in range(args.n_per_prompt)]
     scns = [s for _, s in position for _ in range(args.n_per_prompt)]
     print(f"{len(position)} position prompts of {args.split} × {args.n_per_prompt}\n")
-    print("| model | correct | relation only | objects | relation holds when both objects are right |\n|---|---|---|---|---|")
+    print("| model | correct | relation only | objects | relation holds when both objects are right | toward the asked side |\n"
+          "|---|---|---|---|---|---|")
     for spec in args.models:
         model = load(spec)
         images = model.generate(caps, range(len(caps)), steps=5, guidance=2.0, solver="midpoint", progress=False,
                                 batch_size=256)
-        tally = collections.Counter()
+        tally, along = collections.Counter(), []
         for image, scene in zip(images, scns):
             j = compositional.judge(image, scene)
             only_relation = j.reason.startswith("not ") and ";" not in j.reason
             tally["correct" if j.correct else "relation only" if only_relation else "objects"] += 1
+            if j.correct or only_relation:
+                a, b = [next(d for d in j.detections if d.shape == shape and d.color == color)
+                        for color, shape, _ in compositional.requested(scene)]
+                along.append(toward(a.box, b.box, scene.relation))
         both = tally["correct"] + tally["relation only"]
         print(f"| {spec} | {tally['correct']} | {tally['relation only']} | {tally['objects']} | "
-              f"{tally['correct'] / max(both, 1):.0%} |")
+              f"{tally['correct'] / max(both, 1):.0%} | {sum(along) / max(len(along), 1):+.2f} |")
 
 
 if __name__ == "__main__":
