@@ -123,6 +123,25 @@ def test_relative_position_follows_geneval():
     assert relative_position((0, 0, 10, 10), (30, 30, 40, 40)) == {"left of", "above"}
 
 
+def test_relation_reward_offset_agrees_with_relative_position():
+    """benchmarks/relation_reward.py's offset toward the asked side: above 0.5 exactly where the relation holds."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "relation_reward.py")
+    spec = importlib.util.spec_from_file_location("relation_reward", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    left, right = (0, 10, 10, 20), (20, 10, 30, 20)
+    assert mod.toward(left, right, "left of") == pytest.approx(0.9)  # (20 − 0.1·(10 + 10)) / 20 along −x
+    assert mod.toward(left, right, "right of") == pytest.approx(-0.9)
+    assert mod.toward(left, right, "above") == 0.0
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        a, b = [tuple(np.sort(rng.uniform(0, 32, (2, 2)), axis=0).T.ravel()[[0, 2, 1, 3]]) for _ in range(2)]
+        for relation in ("left of", "right of", "above", "below"):
+            assert (mod.toward(a, b, relation) > 0.5) == (relation in relative_position(a, b))
+
+
 def test_overall_is_the_mean_of_present_task_accuracies():
     square = Obj("square", "red", (0.0, 0.0, 0.375, 0.375))
     circle = Obj("circle", "blue", (0.5, 0.0, 0.875, 0.375))
