@@ -278,11 +278,10 @@ def main(argv=None):
                                     os.path.join(out, name, f"seed-{seed}"), s, guidance=m.get("guidance"))
                              for seed in cfg.seeds] for s in cfg.splits}
         for s, runs_judged in per_split.items():
-            arrays = [np.array(j["correct"]) for j in runs_judged]
+            arrays, tasks = [np.array(j["correct"]) for j in runs_judged], runs_judged[0]["task"]
             entry["splits"][s] = {"accuracy": float(np.mean(arrays)), "gain": gain_ci(base[s], arrays, k),
-                                  "geneval": {"overall": float(np.mean([geneval_overall(a, runs_judged[0]["task"])
-                                                                        for a in arrays])),
-                                              "gain": task_gain_ci(base[s], arrays, runs_judged[0]["task"], k)}}
+                                  "geneval": {"overall": float(np.mean([geneval_overall(a, tasks) for a in arrays])),
+                                              "gain": task_gain_ci(base[s], arrays, tasks, k)}}
             if audit:
                 a = audit_summary(runs_judged, k, copy_at)
                 b = results["base_audit"][s]
@@ -323,8 +322,8 @@ def _ci95(boots) -> list[float]:
 
 def geneval_overall(correct: np.ndarray, tasks: list[str]) -> float:
     """The unweighted mean of the task accuracies (GenEval's "overall"), from per-image verdicts."""
-    tasks = np.asarray(tasks)
-    return float(np.mean([correct[tasks == t].mean() for t in dict.fromkeys(tasks.tolist())]))
+    from reward.compositional import task_accuracies
+    return float(np.mean(list(task_accuracies(correct, tasks).values())))
 
 
 def audit_summary(judged_runs: list[dict], k: int, copy_at: float) -> dict:

@@ -50,8 +50,7 @@ def main():
             only_relation = j.reason.startswith("not ") and ";" not in j.reason
             tally["correct" if j.correct else "relation only" if only_relation else "objects"] += 1
             if j.correct or only_relation:
-                a, b = [next(d for d in j.detections if d.shape == shape and d.color == color)
-                        for color, shape, _ in compositional.requested(scene)]
+                a, b = compositional.first_matches(scene, list(j.detections))
                 along.append(toward(a.box, b.box, scene.relation))
         both = tally["correct"] + tally["relation only"]
         print(f"| {spec} | {tally['correct']} | {tally['relation only']} | {tally['objects']} | "

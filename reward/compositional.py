@@ -84,23 +84,34 @@ def detect(image, world: WorldConfig = WorldConfig()) -> list[Detection]:
     return sorted(detections, key=lambda d: -d.area)
 
 
-def relative_position(box_a, box_b, threshold: float = POSITION_THRESHOLD) -> set[str]:
-    """Relations of A to B, as GenEval's `relative_position` (evaluation/evaluate_images.py).
-
-    The centre offset is shrunk by `threshold` times the summed box sizes, per axis, and
-    normalised by the raw offset's length; A is "left of" B when that dx < -0.5, "right of" when
-    dx > 0.5, and "above"/"below" likewise with dy (image y grows downward).
-    """
+def relation_components(box_a, box_b, threshold: float = POSITION_THRESHOLD) -> tuple[float, float]:
+    """GenEval's (dx, dy) of A relative to B (evaluation/evaluate_images.py): the centre offset shrunk by
+    `threshold` times the summed box sizes, per axis, and normalised by the raw offset's length; (0, 0) when
+    the shrunk offset vanishes. Image y grows downward."""
     boxes = np.array([box_a, box_b], np.float64).reshape(2, 2, 2)  # (object, corner, xy)
     center_a, center_b = boxes.mean(axis=1)
     size_a, size_b = boxes[:, 1] - boxes[:, 0]
     offset = center_a - center_b
     revised = np.maximum(np.abs(offset) - threshold * (size_a + size_b), 0) * np.sign(offset)
     if np.all(np.abs(revised) < 1e-3):
-        return set()
+        return 0.0, 0.0
     dx, dy = revised / np.linalg.norm(offset)
+    return float(dx), float(dy)
+
+
+def relative_position(box_a, box_b, threshold: float = POSITION_THRESHOLD) -> set[str]:
+    """Relations of A to B, as GenEval's `relative_position`: A is "left of" B when `relation_components`'
+    dx < -0.5, "right of" when dx > 0.5, and "above"/"below" likewise with dy."""
+    dx, dy = relation_components(box_a, box_b, threshold)
     rules = {"left of": dx < -0.5, "right of": dx > 0.5, "above": dy < -0.5, "below": dy > 0.5}
     return {name for name, holds in rules.items() if holds}
+
+
+def first_matches(scene: Scene, detections: list[Detection]) -> list[Detection | None]:
+    """Per requested object, the first detection of its colour and shape (None when there is none): the
+    objects a position prompt's relation is judged between."""
+    return [next((d for d in detections if d.shape == shape and d.color == color), None)
+            for color, shape, _ in requested(scene)]
 
 
 def checks(scene: Scene, detections: list[Detection]) -> list[tuple[str, bool]]:
@@ -113,7 +124,7 @@ def checks(scene: Scene, detections: list[Detection]) -> list[tuple[str, bool]]:
     counting: exactly N of the requested colour+shape; color_attr: both bindings present;
     position: both present and the largest of A is `relation` the largest of B.
     """
-    results, firsts = [], []
+    results = []
     for color, shape, count in requested(scene):
         of_shape = [d for d in detections if d.shape == shape]
         matches = [d for d in of_shape if d.color == color]
@@ -126,9 +137,8 @@ def checks(scene: Scene, detections: list[Detection]) -> list[tuple[str, bool]]:
         if scene.task == "counting":
             found = len(matches)
             results.append((f"{found} {color} {shape}s, expected {count}", found == count))
-        firsts.append(matches[0] if matches else None)
     if scene.task == "position":
-        a, b = firsts
+        a, b = first_matches(scene, detections)
         holds = None not in (a, b) and scene.relation in relative_position(a.box, b.box)
         results.append((f"not {scene.relation}", holds))
     return results
@@ -158,8 +168,7 @@ def strict_checks(scene: Scene, detections: list[Detection]) -> list[tuple[str, 
     results.append(("an ambiguous shape", all(min(abs(d.fill - c) for c in cuts) > STRICT_FILL_MARGIN
                                               for d in detections)))
     if scene.task == "position":
-        firsts = [next((d for d in detections if (d.color, d.shape) == (color, shape)), None)
-                  for color, shape, _ in requested(scene)]
+        firsts = first_matches(scene, detections)
         holds = None not in firsts and scene.relation in relative_position(firsts[0].box, firsts[1].box,
                                                                            STRICT_POSITION_THRESHOLD)
         results.append((f"not clearly {scene.relation}", holds))
@@ -203,6 +212,15 @@ def soft_graded(image, scene: Scene, world: WorldConfig = WorldConfig()) -> floa
     return 0.5 * j.graded + 0.5 * shape_quality(scene, list(j.detections))
 
 
+def task_accuracies(correct, tasks) -> dict[str, float]:
+    """Accuracy per task present (TASKS' order first, then any other name as it first appears), from per-image
+    verdicts; their unweighted mean is GenEval's overall."""
+    correct, tasks = np.asarray(correct, dtype=float), np.asarray(tasks)
+    present = dict.fromkeys(tasks.tolist())
+    order = [t for t in TASKS if t in present] + [t for t in present if t not in TASKS]
+    return {t: float(correct[tasks == t].mean()) for t in order}
+
+
 def score(images, scenes: list[Scene | str], world: WorldConfig = WorldConfig()) -> dict:
     """GenEval-style summary: {"tasks": accuracy per task, "overall", "correct", "graded"}.
     A scene may be given as its caption (parsed by `scene_from_caption`).
@@ -212,11 +230,7 @@ def score(images, scenes: list[Scene | str], world: WorldConfig = WorldConfig())
     """
     scenes = [scene_from_caption(s) if isinstance(s, str) else s for s in scenes]
     judgements = [judge(image, scene, world) for image, scene in zip(images, scenes, strict=True)]
-    tasks = {}
-    for task in TASKS:
-        verdicts = [j.correct for j in judgements if j.task == task]
-        if verdicts:
-            tasks[task] = float(np.mean(verdicts))
+    tasks = task_accuracies([j.correct for j in judgements], [j.task for j in judgements])
     return {
         "tasks": tasks,
         "overall": float(np.mean(list(tasks.values()))) if tasks else float("nan"),
