@@ -76,7 +76,7 @@ def group_diversity(features, k: int) -> np.ndarray:
     f = f.reshape(-1, k, f.shape[-1])
     cos = f @ f.transpose(0, 2, 1)  # (P, k, k)
     off = ~np.eye(k, dtype=bool)
-    return (1 - cos[:, off]).mean(1)
+    return np.clip(1 - cos[:, off], 0.0, 2.0).mean(1)  # float32 unit vectors can give cos a hair above 1
 
 
 def outcome_win_rate(outcomes, groups=None, **kw) -> dict:

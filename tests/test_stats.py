@@ -34,6 +34,15 @@ def test_group_diversity_by_hand():
         group_diversity(np.eye(3), k=2)
 
 
+def test_copies_of_float32_unit_vectors_have_diversity_zero_not_below():
+    """A collapsed prompt's copies, normalised in float32 as the thumbnails are: their cos can round a hair above 1,
+    which printed as "diversity -0.000" on an AVX2 machine. A distance is never negative."""
+    f = np.random.default_rng(0).standard_normal((500, 64)).astype(np.float32)
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    div = group_diversity(np.repeat(f, 3, axis=0), k=3)
+    assert (div >= 0).all() and div.max() < 1e-6
+
+
 # --- bootstrap ---------------------------------------------------------------------------------
 
 
