@@ -27,6 +27,16 @@ def add_lora(model: nn.Module, r: int = 16, alpha: int = 16, targets=None, dropo
     return get_peft_model(model, config)
 
 
+def loraplus_groups(peft_model, lr: float, ratio: float) -> list[dict]:
+    """LoRA+ (Hayou et al. 2024, arXiv 2402.12354): the trainable B matrices at `ratio` × the A matrices'
+    learning rate, as param groups for any torch optimizer. The grouping of peft's `create_loraplus_optimizer`
+    (B by name), without its empty groups, which ZeRO cannot flatten."""
+    named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    b = [p for n, p in named if "lora_B" in n]
+    a = [p for n, p in named if "lora_B" not in n]
+    return [g for g in ({"params": a, "lr": lr}, {"params": b, "lr": lr * ratio}) if g["params"]]
+
+
 def snapshot_adapter(peft_model, name: str, decay: float = 0.0) -> None:
     """A frozen copy of the policy adapter ("default") under `name`, created when missing:
     name ← decay·name + (1 − decay)·default (decay 0: a plain copy). Online DPO's moving reference

@@ -65,8 +65,8 @@ from reward import compositional
 from .dpo import sample_grid, save_adapter
 from .grpo import grpo_step, old_logprobs, sde_rollout, transition_items
 from .loss import adaptive_weights, dpo_loss, group_advantages, nft_loss, optimality_probability
-from .lora import (DEFAULT_TARGETS, adapter, add_lora, copy_adapter, load_adapter_weights, merged, save_adapters,
-                   snapshot_adapter)
+from .lora import (DEFAULT_TARGETS, adapter, add_lora, copy_adapter, load_adapter_weights, loraplus_groups, merged,
+                   save_adapters, snapshot_adapter)
 
 METHODS = ("dpo", "nft", "grpo", "raft")
 OLD, REF, EMA = "old", "ref", "ema"  # frozen adapters: NFT's sampling policy, DPO's moving reference, the EMA
@@ -139,6 +139,7 @@ class OnlineConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     optimizer: str = "adamw"
     learning_rate: float = 1e-3
+    loraplus_lr_ratio: float = 0.0  # > 0: LoRA+, the B matrices at this × learning_rate (peft's loraplus_lr_ratio)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
@@ -191,6 +192,8 @@ class OnlineConfig:
                 raise ValueError(f"--{name} must be in [0, 1)")
         if self.old_decay_rate < 0:
             raise ValueError("--old_decay_rate must be ≥ 0")
+        if self.loraplus_lr_ratio < 0:
+            raise ValueError("--loraplus_lr_ratio must be ≥ 0 (0: off)")
 
     @property
     def max_steps(self) -> int:  # the LR schedule's length
@@ -443,7 +446,9 @@ def main(cfg: OnlineConfig):
     if cfg.method == "dpo" and cfg.ref_update_steps:
         snapshot_adapter(peft_model, REF)
     policy = replace(loaded, model=peft_model)
-    optimizer, scheduler = optimizer_and_scheduler(cfg, [p for p in peft_model.parameters() if p.requires_grad])
+    params = ([p for p in peft_model.parameters() if p.requires_grad] if not cfg.loraplus_lr_ratio
+              else loraplus_groups(peft_model, cfg.learning_rate, cfg.loraplus_lr_ratio))
+    optimizer, scheduler = optimizer_and_scheduler(cfg, params)
     configure_deepspeed(accelerator, B, cfg.max_grad_norm)
     model, optimizer, scheduler = accelerator.prepare(peft_model, optimizer, scheduler)
 

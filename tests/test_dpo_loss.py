@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from align.loss import dpo_loss
-from align.lora import add_lora, merged, snapshot_adapter
+from align.lora import add_lora, loraplus_groups, merged, snapshot_adapter
 from base_model.flow import flow_loss
 from base_model.mmdit import MMDiT, preset
 from tests.conftest import randomize
@@ -99,6 +99,25 @@ def test_a_step_moves_only_lora_parameters():
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all("lora_" in n for n in moved)
     assert {n for n in moved if "lora_A" in n} and {n for n in moved if "lora_B" in n}
+
+
+def test_loraplus_steps_b_at_ratio_times_the_rate_of_a():
+    model = moved_lora_toy()  # B ≠ 0: A has gradients on the first step too
+    snapshot_adapter(model, "old")  # a frozen copy stays out of the groups
+    groups = loraplus_groups(model, 1e-3, 4.0)
+    assert [g["lr"] for g in groups] == [1e-3, 4e-3] and all(p.requires_grad for g in groups for p in g["params"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("lora_A" in names[id(p)] for p in groups[0]["params"])
+    assert all("lora_B" in names[id(p)] for p in groups[1]["params"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    y = model(*_toy_inputs())
+    y.square().mean().backward()
+    opt.step()  # Adam's first step moves each element by its group's lr (|g| ≫ eps)
+    step = {k: max((p - before[n]).abs().max().item() for n, p in model.named_parameters() if f"{k}.default" in n)
+            for k in ("lora_A", "lora_B")}
+    assert step["lora_A"] == pytest.approx(1e-3, rel=1e-3) and step["lora_B"] == pytest.approx(4e-3, rel=1e-3)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if ".old." in n or "lora_" not in n)
 
 
 def moved_lora_toy():
