@@ -73,6 +73,8 @@ def detect(image, world: WorldConfig = WorldConfig()) -> list[Detection]:
     for k, (color, _) in enumerate(world.colors):
         components, _ = ndimage.label(labels == k)  # default structure: 4-connectivity
         for i, (ys, xs) in enumerate(ndimage.find_objects(components), start=1):
+            if (ys.stop - ys.start) * (xs.stop - xs.start) < MIN_AREA_FRAC * side**2:
+                continue  # its area, holes filled, is at most its box's: noise (the test below, without the fill)
             # fill holes so noise inside an object does not lower its fill and change its shape
             mask = ndimage.binary_fill_holes(components[ys, xs] == i)
             area = int(mask.sum())

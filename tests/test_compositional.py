@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from base_model.shapes import TASKS, Obj, Scene, WorldConfig, make_split, render
 from reward.compositional import detect, judge, relative_position, score
@@ -67,6 +68,19 @@ def test_noisy_renders_are_judged_correct():
     rng = np.random.default_rng(0)
     result = score([noisy(render(s), rng) for s in SCENES], SCENES, WORLD)
     assert min(result["tasks"].values()) >= 0.99, result["tasks"]
+
+
+def test_specks_of_palette_colour_are_noise_not_objects():
+    """A collapsed policy's images: hundreds of tiny components (dropped by their box before any hole filling)."""
+    rng = np.random.default_rng(1)
+    refs = np.array([rgb for _, rgb in WORLD.colors], np.uint8)
+    for scene in SCENES[:40]:
+        clean = render(scene)
+        far = ndimage.binary_dilation((clean != np.array(WORLD.background, np.uint8)).any(-1), iterations=2)
+        speckled = clean.copy()
+        spots = ~far & (rng.random(far.shape) < 0.3)
+        speckled[spots] = refs[rng.integers(len(refs), size=int(spots.sum()))]
+        assert detect(speckled) == detect(clean)
 
 
 @pytest.mark.parametrize("task", sorted(CORRUPTIONS))
