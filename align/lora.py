@@ -29,8 +29,8 @@ def add_lora(model: nn.Module, r: int = 16, alpha: int = 16, targets=None, dropo
 
 def loraplus_groups(peft_model, lr: float, ratio: float) -> list[dict]:
     """LoRA+ (Hayou et al. 2024, arXiv 2402.12354): the trainable B matrices at `ratio` × the A matrices'
-    learning rate, as param groups for any torch optimizer. The grouping of peft's `create_loraplus_optimizer`
-    (B by name), without its empty groups, which ZeRO cannot flatten."""
+    learning rate, as param groups for the stage's own optimizer (AdamW or 8-bit AdamW, `optimizer_and_scheduler`):
+    the grouping of peft's `create_loraplus_optimizer` (B by name), which builds the optimizer itself."""
     named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
     b = [p for n, p in named if "lora_B" in n]
     a = [p for n, p in named if "lora_B" not in n]
