@@ -107,14 +107,18 @@ def judge(spec: str, split: str, n_prompts: int, k: int, best_of: int = 1, rewar
                           context=(context[rep], pooled[rep]),
                           solver=SOLVER, progress=False)
     targets = [scenes[i] for i in rep.tolist()]
+    candidates = {}
     if best_of > 1:
         scores = get_scorer(reward)(images, [s.caption for s in targets]).view(-1, best_of)
+        correct = [float(compositional.judge(img, s).correct) for img, s in zip(images, targets)]
+        candidates = {"candidate_scores": scores.tolist(),  # every candidate, for the curve over n ≤ N
+                      "candidate_correct": np.reshape(correct, (-1, best_of)).tolist()}
         pick = scores.argmax(1) + torch.arange(len(scores)) * best_of
         images, targets = images[pick], [targets[i] for i in pick.tolist()]
     judged = [compositional.judge(img, s) for img, s in zip(images, targets)]
     out = {"correct": [float(j.correct) for j in judged], "task": [j.task for j in judged],
            "strict": [float(j.correct and compositional.strict_correct(img, s))
-                      for j, img, s in zip(judged, images, targets)]}
+                      for j, img, s in zip(judged, images, targets)], **candidates}
     if audit_model:
         from reward.fid import frechet_distance
         from reward.imagetext import load as load_imagetext
@@ -126,6 +130,25 @@ def judge(spec: str, split: str, n_prompts: int, k: int, best_of: int = 1, rewar
     if train_set is not None:
         out["copy_cos"] = train_set.nearest(images)[0].tolist()
     return out
+
+
+def best_of_curve(scores, correct) -> np.ndarray:
+    """Best-of-n for every n ≤ N from one draw of N candidates an image: row n − 1 holds each image's verdict
+    (`correct`, (images, N)) on the highest-`scores` candidate of its first n (the first on ties, as in `judge`).
+    Row N − 1 is `judge`'s best-of-N; row n − 1 is a best-of-n of other candidate seeds, the same in distribution."""
+    scores, correct = np.asarray(scores), np.asarray(correct)
+    rows = np.arange(len(scores))
+    return np.stack([correct[rows, scores[:, :n].argmax(1)] for n in range(1, scores.shape[1] + 1)])
+
+
+def break_even_images(calls: float, gain: float, curve_gains) -> float | None:
+    """The number of generated images beyond which a trained method's one-time `calls` beat best-of-n at equal
+    reward calls. Serving M images, those calls buy best-of-(calls / M); with n* the smallest n whose best-of-n gain
+    (`curve_gains[n − 1]`) reaches the method's `gain`, every affordable n gains less once M > calls / n*.
+    None when no n of the curve reaches the gain: the method wins from calls / N images on, or fewer; infinity when
+    best-of-1, the base sampled once, gains as much: then no number of images makes the calls pay."""
+    reached = [n for n, g in enumerate(curve_gains, start=1) if g >= gain]
+    return None if not reached else float("inf") if reached[0] == 1 else calls / reached[0]
 
 
 def gain_ci(base: np.ndarray, runs: list[np.ndarray], k: int, n_boot: int = 2000, seed: int = 0) -> dict:
@@ -225,7 +248,7 @@ def main(argv=None):
                 cached = json.load(f)
         memorize = train_set if split == cfg.splits[0] else None  # the audit's split
         if cached is None or "strict" not in cached or (audit and "fd" not in cached) or \
-                (memorize is not None and "copy_cos" not in cached):
+                (memorize is not None and "copy_cos" not in cached) or (best_of > 1 and "candidate_scores" not in cached):
             res = judge(spec, split, cfg.n_prompts, k, best_of, cfg.reward, audit, memorize, guidance)
             os.makedirs(folder, exist_ok=True)
             write_json(path, res, indent=None)
@@ -282,6 +305,11 @@ def main(argv=None):
             entry["splits"][s] = {"accuracy": float(np.mean(arrays)), "gain": gain_ci(base[s], arrays, k),
                                   "geneval": {"overall": float(np.mean([geneval_overall(a, tasks) for a in arrays])),
                                               "gain": task_gain_ci(base[s], arrays, tasks, k)}}
+            if "candidate_scores" in runs_judged[0]:  # best-of-n for every n ≤ N, from the same candidates
+                curve = best_of_curve(runs_judged[0]["candidate_scores"], runs_judged[0]["candidate_correct"])
+                entry["splits"][s]["curve"] = [{"n": n, "reward_calls": n * cfg.n_prompts * k,
+                                                "accuracy": float(c.mean()), "gain": gain_ci(base[s], [c], k)}
+                                               for n, c in enumerate(curve, start=1)]
             if audit:
                 a = audit_summary(runs_judged, k, copy_at)
                 b = results["base_audit"][s]
@@ -366,7 +394,7 @@ def table(results: dict) -> list[str]:
                          f"{g['ci95'][1] * 100:+.1f}]")
         label = name + (f" cfg{e['guidance']:g}" if e.get("guidance") is not None else "")
         lines.append(f"{label:14s} {e['reward_calls']:12.0f} {e['train_seconds']:8.0f} " + " ".join(f"{c:>34s}" for c in cells))
-    lines += geneval_table(results)
+    lines += geneval_table(results) + break_even_table(results)
     if results.get("base_audit"):
         s = splits[0]
         b = results["base_audit"][s]
@@ -385,6 +413,36 @@ def table(results: dict) -> list[str]:
                 lines.append(f"{name:14s} proxy {a['proxy']:6.2f} ({a['proxy_gain']:+.2f})  diversity {a['diversity']:.3f}  "
                              f"FD {a['fd']:.3f}  strict {a['strict']:.1%} ({a['strict_gain'] * 100:+.1f}){_copies(a)}  "
                              f"{'FLAGGED: ' + '; '.join(a['flags']) if a['flags'] else 'ok'}")
+    return lines
+
+
+def longest_curve(results: dict, split: str) -> tuple[str, list] | None:
+    """The best-of-n curve over the most candidates among the comparison's best-of-N rows, and its row's name."""
+    curves = [(n, e["splits"][split]["curve"]) for n, e in results["methods"].items() if "curve" in e["splits"][split]]
+    return max(curves, key=lambda c: len(c[1])) if curves else None
+
+
+def break_even_table(results: dict) -> list[str]:
+    """Best-of-n's gain for every n, and for each trained method the images it must serve to beat it at equal calls."""
+    lines, images = [], results["config"]["n_prompts"] * results["config"]["n_per_prompt"]
+    for split in results["config"]["splits"]:
+        found = longest_curve(results, split)
+        if found is None:
+            continue
+        name, curve = found
+        lines += ["", f"best-of-n on {split} ({name}'s candidates; gain, points): "
+                  + ", ".join(f"n={c['n']} {c['gain']['mean'] * 100:+.1f}" for c in curve),
+                  "at equal reward calls a trained method beats best-of-n once it serves more images than its calls / n*, "
+                  f"n* the smallest n whose best-of-n gains as much (this comparison serves {images})"]
+        for m, e in results["methods"].items():
+            if "best_of" in e or not e["reward_calls"]:
+                continue
+            gain = e["splits"][split]["gain"]["mean"]
+            at = break_even_images(e["reward_calls"], gain, [c["gain"]["mean"] for c in curve])
+            lines.append(f"{m:14s} {gain * 100:+.1f} from {e['reward_calls']:.0f} calls: " + (
+                f"no n ≤ {len(curve)} gains as much; beats best-of-n from {e['reward_calls'] / len(curve):.0f} images "
+                "or fewer" if at is None else "no more than the base sampled once: never" if at == float("inf") else
+                f"best-of-{e['reward_calls'] / at:.0f} gains as much; beats best-of-n beyond {at:.0f} images"))
     return lines
 
 
@@ -434,11 +492,17 @@ def write_html(results: dict, path: str):
         err = [[g["mean"] * 100 - g["ci95"][0] * 100], [g["ci95"][1] * 100 - g["mean"] * 100]]
         for ax, x in zip(axes, (e["reward_calls"], e["train_seconds"])):
             ax.errorbar([x], [acc], yerr=err, fmt="o", capsize=3, label=name)
-    for ax, label in zip(axes, ("reward calls in training", "training wall time (s)")):
+    found = longest_curve(results, split)
+    if found is not None:
+        axes[0].plot([c["reward_calls"] for c in found[1]], [c["accuracy"] * 100 for c in found[1]], "k:",
+                     label=f"best-of-n, n = 1…{len(found[1])}")
+    for ax, label in zip(axes, ("reward calls in training (best-of-n: at inference)", "training wall time (s)")):
         ax.axhline(results["base"][split] * 100, color="grey", ls="--", label="base")
         ax.set_xlabel(label)
         ax.set_ylabel(f"accuracy on {split} (%)")
     axes[1].legend(fontsize=8)
+    if found is not None:
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

@@ -25,6 +25,17 @@ def test_gain_ci_by_hand():
     assert mixed["mean"] == 0.5 and mixed["ci95"][0] == 0.0 and mixed["ci95"][1] == 1.0
 
 
+def test_best_of_curve_and_break_even_by_hand():
+    scores = [[0.2, 0.9, 0.5], [0.7, 0.7, 0.1]]  # image 1: a tie between its first two candidates
+    correct = [[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]]
+    np.testing.assert_array_equal(compare.best_of_curve(scores, correct), [[0, 1], [1, 1], [1, 1]])
+    # 900 calls gaining 0.25: best-of-2 gains 0.2, best-of-3 0.3 → n* = 3, cheaper beyond 900 / 3 images
+    assert compare.break_even_images(900, 0.25, [0.0, 0.2, 0.3]) == 300
+    assert compare.break_even_images(900, 0.2, [0.0, 0.2, 0.3]) == 450  # best-of-2 reaches it exactly
+    assert compare.break_even_images(900, 0.4, [0.0, 0.2, 0.3]) is None
+    assert compare.break_even_images(900, -0.1, [0.0, 0.2, 0.3]) == float("inf")  # no better than the base
+
+
 def test_pooled_gain_ci_by_hand():
     # base A: both seeds gain 1 on every prompt; base B: both gain 0. Mean 0.5 over bases; resampling bases spans 0 … 1
     a, b = np.ones((2, 4)), np.zeros((2, 4))
@@ -97,6 +108,8 @@ def test_compare_runs_seeds_caches_and_audits(tmp_path, monkeypatch):
     raft, bon = res["methods"]["raft"], res["methods"]["bon"]
     assert raft["reward_calls"] == 4 and len(raft["splits"]["val"]["gain"]["per_seed"]) == 2
     assert bon["best_of"] == 2  # 4 reward calls over 6 images → at least 2 candidates each
+    curve = bon["splits"]["val"]["curve"]  # best-of-1 and best-of-2 from the same candidates
+    assert [c["n"] for c in curve] == [1, 2] and curve[-1]["accuracy"] == bon["splits"]["val"]["accuracy"]
     overall = raft["splits"]["val"]["geneval"]
     assert 0 <= overall["overall"] <= 1 and set(overall["gain"]["tasks"]) <= {"single_object", "two_object", "counting",
                                                                                  "colors", "position", "color_attr"}
