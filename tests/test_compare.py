@@ -142,3 +142,28 @@ def test_every_compare_config_loads_and_names_real_flags(path):
         assert not unknown, f"{path}: {name} {unknown}"
         if m.get("config"):
             assert os.path.exists(os.path.join(ROOT, m["config"])), f"{path}: {name}: {m['config']}"
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "online", "*.yaml")))
+                         + [os.path.join(ROOT, "configs", "demo", f) for f in ("nft.yaml", "raft.yaml")])
+def test_every_online_preset_parses(path):
+    from align.online import OnlineConfig
+    from base_model.cli import parse
+
+    assert parse(OnlineConfig, ["--config", path]).rounds > 0
+
+
+def test_the_recommended_online_preset_is_its_comparison_row(monkeypatch):
+    """configs/online/toy_nft.yaml says it is configs/compare/toy.yaml's row nft_r4_cos3_p16_s6_r56_cr written out:
+    the preset and the row's command parse to the same config (only the output folder differs)."""
+    from align.online import OnlineConfig
+    from base_model.cli import parse
+    from base_model.runs import command
+
+    monkeypatch.chdir(ROOT)
+    row = compare.load_config("configs/compare/toy.yaml", {}).methods["nft_r4_cos3_p16_s6_r56_cr"]
+    argv = command("align.online", row["config"], {**row["flags"], "output_dir": "out"})
+    assert argv[1:3] == ["-m", "align.online"]
+    preset = parse(OnlineConfig, ["--config", "configs/online/toy_nft.yaml", "--output_dir", "out"])
+    assert parse(OnlineConfig, argv[3:]) == preset
+    assert preset != parse(OnlineConfig, ["--config", "configs/online/toy.yaml", "--output_dir", "out"])
