@@ -107,15 +107,14 @@ def judge(spec: str, split: str, n_prompts: int, k: int, best_of: int = 1, rewar
                           context=(context[rep], pooled[rep]),
                           solver=SOLVER, progress=False)
     targets = [scenes[i] for i in rep.tolist()]
-    candidates = {}
-    if best_of > 1:
-        scores = get_scorer(reward)(images, [s.caption for s in targets]).view(-1, best_of)
-        correct = [float(compositional.judge(img, s).correct) for img, s in zip(images, targets)]
-        candidates = {"candidate_scores": scores.tolist(),  # every candidate, for the curve over n ≤ N
-                      "candidate_correct": np.reshape(correct, (-1, best_of)).tolist()}
-        pick = scores.argmax(1) + torch.arange(len(scores)) * best_of
-        images, targets = images[pick], [targets[i] for i in pick.tolist()]
     judged = [compositional.judge(img, s) for img, s in zip(images, targets)]
+    candidates = {}
+    if best_of > 1:  # every candidate's score and verdict, for the curve over n ≤ N; the picked ones' are reused
+        scores = get_scorer(reward)(images, [s.caption for s in targets]).view(-1, best_of)
+        candidates = {"candidate_scores": scores.tolist(),
+                      "candidate_correct": np.reshape([float(j.correct) for j in judged], (-1, best_of)).tolist()}
+        pick = (scores.argmax(1) + torch.arange(len(scores)) * best_of).tolist()
+        images, targets, judged = images[pick], [targets[i] for i in pick], [judged[i] for i in pick]
     out = {"correct": [float(j.correct) for j in judged], "task": [j.task for j in judged],
            "strict": [float(j.correct and compositional.strict_correct(img, s))
                       for j, img, s in zip(judged, images, targets)], **candidates}
